@@ -1,0 +1,1 @@
+"""Trainer settings: schema, bundled defaults (``trainer_configs/``) and resolution from the environment."""

@@ -1,0 +1,1 @@
+"""Unlabeled data: preprocessing of imagesUnlabeled/, labeled-subset splits, the unlabeled dataset and loader."""

@@ -1,0 +1,236 @@
+"""``nnUNetv2_samssl_preprocess_unlabeled``: preprocess ``imagesUnlabeled/`` with the dataset's own plans.
+
+Raw layout (nnU-Net's naming, one file per channel)::
+
+    nnUNet_raw/DatasetXXX_Name/imagesUnlabeled/<case>_0000.nii.gz [<case>_0001.nii.gz ...]
+
+Each case goes through the configuration's preprocessor exactly as nnU-Net preprocesses an image at
+inference (``run_case(images, None, ...)``: transpose, crop to non-zero, normalise, resample) and is
+written in nnU-Net's Blosc2 format into a SIBLING of the configuration's folder::
+
+    nnUNet_preprocessed/DatasetXXX_Name/<data_identifier>_unlabeled/<case>.b2nd / <case>_seg.b2nd / <case>.pkl
+
+(``_seg`` holds only nnU-Net's non-zero mask, -1 outside / 0 inside: no label information exists for
+these cases.) It never goes into the configuration's own folder, which ``nnUNetv2_preprocess`` deletes.
+The command is idempotent: finished cases are skipped (a case is finished once its ``.pkl``, written
+last and atomically, exists); a manifest records the configuration it was made with, and cases made
+with another configuration are redone.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+from typing import Dict, List, Optional
+
+UNLABELED_RAW_FOLDER = "imagesUnlabeled"
+UNLABELED_SUFFIX = "_unlabeled"
+MANIFEST = "unlabeled_manifest.json"
+
+
+class UnlabeledDataError(RuntimeError):
+    """Unlabeled data missing, malformed or not preprocessed."""
+
+
+def unlabeled_preprocessed_folder(preprocessed_dataset_folder_base: str, data_identifier: str) -> str:
+    return os.path.join(preprocessed_dataset_folder_base, data_identifier + UNLABELED_SUFFIX)
+
+
+def configuration_fingerprint(configuration: dict, dataset_json: dict) -> str:
+    """Hash of everything that shapes the preprocessed data (the configuration and the channel/label setup)."""
+    payload = json.dumps({"configuration": configuration,
+                          "channels": dataset_json.get("channel_names", dataset_json.get("modality")),
+                          "file_ending": dataset_json.get("file_ending")}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def collect_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> Dict[str, List[str]]:
+    """Maps case id -> its channel files, checking nnU-Net's naming and the channel count.
+
+    Raises:
+        UnlabeledDataError: folder missing or empty, a file not named ``<case>_XXXX<ending>``, a case with
+            the wrong channels, or a case id equal to a labeled one.
+    """
+    folder = os.path.join(raw_dataset_folder, UNLABELED_RAW_FOLDER)
+    ending = dataset_json["file_ending"]
+    if not os.path.isdir(folder):
+        raise UnlabeledDataError(
+            f"No unlabeled images: the folder {folder} does not exist. Put the unlabeled images there with "
+            f"nnU-Net's naming (<case>_0000{ending}, one file per channel), or use labeled-subset mode "
+            f"(setting num_labeled or labeled_cases).")
+    files = sorted(f for f in os.listdir(folder) if not f.startswith("."))
+    if not files:
+        raise UnlabeledDataError(f"{folder} contains no images. Expected files named <case>_0000{ending}.")
+    num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+    pattern = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})" + re.escape(ending) + "$")
+    cases: Dict[str, Dict[int, str]] = {}
+    bad = [f for f in files if not pattern.match(f)]
+    if bad:
+        raise UnlabeledDataError(
+            f"Files in {folder} must be named <case>_XXXX{ending} (XXXX = 4-digit channel index); "
+            f"these are not: {bad[:5]}{' ...' if len(bad) > 5 else ''}")
+    for f in files:
+        m = pattern.match(f)
+        cases.setdefault(m["case"], {})[int(m["channel"])] = os.path.join(folder, f)
+    wrong = {c: sorted(ch) for c, ch in cases.items() if sorted(ch) != list(range(num_channels))}
+    if wrong:
+        example = next(iter(wrong.items()))
+        raise UnlabeledDataError(
+            f"dataset.json declares {num_channels} channel(s) (_0000 .. _{num_channels - 1:04d}) but "
+            f"{len(wrong)} unlabeled case(s) have other channels, e.g. '{example[0]}' has {example[1]}. "
+            f"Each case needs exactly one file per channel in {folder}.")
+    labeled = _labeled_identifiers(raw_dataset_folder, dataset_json)
+    clash = sorted(set(cases) & labeled)
+    if clash:
+        raise UnlabeledDataError(
+            f"Unlabeled case ids equal labeled ones: {clash[:5]}. Rename the files in {folder} "
+            f"(e.g. with a prefix such as 'unl_') so every case id is unique.")
+    return {c: [ch[i] for i in range(num_channels)] for c, ch in sorted(cases.items())}
+
+
+def _labeled_identifiers(raw_dataset_folder: str, dataset_json: dict) -> set:
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    return set(get_filenames_of_train_images_and_targets(raw_dataset_folder, dataset_json).keys())
+
+
+def _preprocess_one(args) -> str:
+    case, image_files, out_folder, plans, configuration_name, dataset_json = args
+    import numpy as np
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, comp_blosc2_params
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from batchgenerators.utilities.file_and_folder_operations import write_pickle
+
+    plans_manager = PlansManager(plans)
+    cm = plans_manager.get_configuration(configuration_name)
+    preprocessor = cm.preprocessor_class(verbose=False)
+    data, nonzero_mask, properties = preprocessor.run_case(image_files, None, plans_manager, cm, dataset_json)
+    data = data.astype(np.float32, copy=False)
+    nonzero_mask = nonzero_mask.astype(np.int16, copy=False)
+    properties["class_locations"] = {}
+    blocks, chunks = comp_blosc2_params(data.shape, tuple(cm.patch_size), data.itemsize)
+    blocks_s, chunks_s = comp_blosc2_params(nonzero_mask.shape, tuple(cm.patch_size), nonzero_mask.itemsize)
+    tmp = os.path.join(out_folder, f".tmp_{case}")
+    nnUNetDatasetBlosc2.save_case(data, nonzero_mask, properties, tmp, chunks=chunks, blocks=blocks,
+                                  chunks_seg=chunks_s, blocks_seg=blocks_s)
+    final = os.path.join(out_folder, case)
+    os.replace(tmp + ".b2nd", final + ".b2nd")
+    os.replace(tmp + "_seg.b2nd", final + "_seg.b2nd")
+    write_pickle(properties, tmp + ".pkl")
+    os.replace(tmp + ".pkl", final + ".pkl")  # the .pkl marks the case as finished
+    return case
+
+
+def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_identifier: str = "nnUNetPlans",
+                         num_processes: int = 2, verbose: bool = True) -> str:
+    """Preprocesses every case of ``imagesUnlabeled/``; returns the output folder. See the module docstring."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    dataset_name = maybe_convert_to_dataset_name(dataset_name_or_id)
+    raw_folder = os.path.join(nnUNet_raw, dataset_name)
+    pp_base = os.path.join(nnUNet_preprocessed, dataset_name)
+    plans_file = os.path.join(pp_base, plans_identifier + ".json")
+    if not os.path.isfile(plans_file):
+        raise UnlabeledDataError(
+            f"Plans file {plans_file} not found. Plan and preprocess the labeled data first: "
+            f"nnUNetv2_plan_and_preprocess -d {dataset_name_or_id} -c {configuration}"
+            + ("" if plans_identifier == "nnUNetPlans" else f" -pl <planner producing {plans_identifier}>"))
+    plans = load_json(plans_file)
+    if configuration not in plans["configurations"]:
+        raise UnlabeledDataError(f"Configuration '{configuration}' is not in {plans_file}; it has "
+                                 f"{sorted(plans['configurations'])}.")
+    cm = PlansManager(plans).get_configuration(configuration)
+    labeled_folder = os.path.join(pp_base, cm.data_identifier)
+    if not os.path.isdir(labeled_folder):
+        raise UnlabeledDataError(
+            f"Configuration '{configuration}' is not preprocessed yet ({labeled_folder} missing). Run "
+            f"nnUNetv2_preprocess -d {dataset_name_or_id} -c {configuration} -plans_name {plans_identifier} first.")
+    dataset_json = load_json(os.path.join(pp_base, "dataset.json"))
+    cases = collect_unlabeled_cases(raw_folder, dataset_json)
+
+    out_folder = unlabeled_preprocessed_folder(pp_base, cm.data_identifier)
+    fingerprint = configuration_fingerprint(plans["configurations"][configuration], dataset_json)
+    manifest_file = os.path.join(out_folder, MANIFEST)
+    if os.path.isfile(manifest_file) and load_json(manifest_file).get("fingerprint") != fingerprint:
+        if verbose:
+            print(f"{out_folder} was made with another configuration: preprocessing all unlabeled cases again.")
+        shutil.rmtree(out_folder)
+    os.makedirs(out_folder, exist_ok=True)
+    save_json({"fingerprint": fingerprint, "plans": plans_identifier, "configuration": configuration,
+               "cases": sorted(cases)}, manifest_file)
+    for f in os.listdir(out_folder):  # leftovers of an interrupted run
+        if f.startswith(".tmp_"):
+            os.remove(os.path.join(out_folder, f))
+
+    todo = [c for c in cases if not os.path.isfile(os.path.join(out_folder, c + ".pkl"))]
+    if verbose:
+        print(f"{len(cases)} unlabeled case(s), {len(cases) - len(todo)} already done, {len(todo)} to preprocess "
+              f"-> {out_folder}")
+    jobs = [(c, cases[c], out_folder, plans, configuration, dataset_json) for c in todo]
+    if num_processes <= 1 or len(jobs) <= 1:
+        for j in jobs:
+            _preprocess_one(j)
+    else:
+        with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
+            for _ in pool.imap_unordered(_preprocess_one, jobs):
+                pass
+    return out_folder
+
+
+def check_unlabeled_folder(out_folder: str, configuration_dict: dict, dataset_json: dict, dataset_name: str,
+                           configuration: str, plans_identifier: str,
+                           raw_dataset_folder: Optional[str] = None) -> List[str]:
+    """Returns the preprocessed unlabeled case ids, or raises naming the command that fixes the folder.
+
+    With ``raw_dataset_folder`` every raw case must be preprocessed; without it (raw data not on this
+    machine) the manifest's list of cases is trusted.
+    """
+    fix = (f"Run: nnUNetv2_samssl_preprocess_unlabeled -d {dataset_name} -c {configuration}"
+           + ("" if plans_identifier == "nnUNetPlans" else f" -p {plans_identifier}"))
+    manifest_file = os.path.join(out_folder, MANIFEST)
+    if not os.path.isfile(manifest_file):
+        raise UnlabeledDataError(f"The unlabeled images are not preprocessed for configuration '{configuration}' "
+                                 f"({manifest_file} missing). {fix}")
+    with open(manifest_file) as f:
+        manifest = json.load(f)
+    if manifest.get("fingerprint") != configuration_fingerprint(configuration_dict, dataset_json):
+        raise UnlabeledDataError(f"{out_folder} was preprocessed with other plans than the current ones. {fix}")
+    if raw_dataset_folder is not None:
+        cases = sorted(collect_unlabeled_cases(raw_dataset_folder, dataset_json))
+    else:
+        cases = sorted(manifest["cases"])
+    missing = [c for c in cases if not os.path.isfile(os.path.join(out_folder, c + ".pkl"))]
+    if missing:
+        raise UnlabeledDataError(f"{len(missing)} unlabeled case(s) are not preprocessed yet "
+                                 f"(e.g. {missing[:3]}). {fix}")
+    return cases
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="nnUNetv2_samssl_preprocess_unlabeled",
+        description="Preprocess nnUNet_raw/DatasetXXX/imagesUnlabeled with the dataset's plans, exactly as nnU-Net "
+                    "preprocesses images at inference. Idempotent: finished cases are skipped.")
+    parser.add_argument("-d", required=True, help="dataset id or name")
+    parser.add_argument("-c", required=True, nargs="+", help="configuration(s), e.g. 3d_fullres 2d")
+    parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    parser.add_argument("-np", type=int, default=int(os.environ.get("nnUNet_def_n_proc", 2)),
+                        help="number of processes (default: nnUNet_def_n_proc or 2)")
+    args = parser.parse_args(argv)
+    try:
+        for c in args.c:
+            preprocess_unlabeled(args.d, c, args.p, args.np)
+    except UnlabeledDataError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

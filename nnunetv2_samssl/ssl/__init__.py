@@ -1,0 +1,1 @@
+"""Method-agnostic semi-supervised pieces: EMA teacher, ramps, consistency and pseudo-label losses."""

@@ -1,0 +1,1 @@
+"""Trainers (nnU-Net trainer subclasses) and what they share."""

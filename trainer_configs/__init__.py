@@ -1,0 +1,1 @@
+"""Bundled trainer configurations (YAML). Installed as ``nnunetv2_samssl.trainer_configs``."""
