@@ -103,9 +103,9 @@ UNLABELED_OPTIONS = (
     Option("unlabeled_batch_size", (int,),
            "Unlabeled patches per iteration (global, split across DDP ranks); null = the labeled batch size.",
            nullable=True, minimum=1),
-    Option("use_unlabeled_folder", (str,),
-           "Use the preprocessed imagesUnlabeled/ cases: 'auto' (when nnUNet_raw/<dataset>/imagesUnlabeled "
-           "exists), 'yes' or 'no'.", choices=("auto", "yes", "no")),
+    Option("use_unlabeled_folder", (bool, str),
+           "Use the preprocessed imagesUnlabeled/ cases: auto (when nnUNet_raw/<dataset>/imagesUnlabeled or its "
+           "preprocessed folder exists), true (required) or false.", choices=("auto", True, False)),
     Option("num_labeled", (int,),
            "Labeled-subset mode: keep this many training cases of the fold labeled, treat the rest as unlabeled.",
            nullable=True, minimum=1),

@@ -156,7 +156,7 @@ class nnUNetTrainerSSLBase(nnUNetTrainer):
     def _unlabeled_folder_cases(self) -> List[str]:
         from nnunetv2.paths import nnUNet_raw
         mode = self.ssl_config["use_unlabeled_folder"]
-        if mode == "no":
+        if mode is False:
             return []
         raw = os.path.join(nnUNet_raw, self.plans_manager.dataset_name) if nnUNet_raw.is_set() else None
         raw_has_folder = raw is not None and os.path.isdir(os.path.join(raw, UNLABELED_RAW_FOLDER))

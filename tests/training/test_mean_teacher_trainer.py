@@ -1,0 +1,206 @@
+"""nnUNetTrainerMeanTeacher in-process on the tiny dataset (CPU, single-threaded loaders)."""
+import os
+import shutil
+
+import blosc2
+import numpy as np
+import pytest
+import torch
+
+from trainer_helpers import make_trainer, run_iterations, seed_everything, student_state
+from nnunetv2_samssl.config.schema import ConfigError
+from nnunetv2_samssl.data.splits import LabeledSubsetError
+from nnunetv2_samssl.data.unlabeled_preprocessing import UnlabeledDataError
+from nnunetv2_samssl.training.nnUNetTrainerMeanTeacher import nnUNetTrainerMeanTeacher
+
+
+def _grads(trainer, batch, x_u, weight):
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.optimizer.step = lambda *a, **k: None  # keep the weights, look at the gradients
+    trainer.after_optimizer_step = lambda: None  # keep the teacher fixed too
+    trainer.consistency_weight = lambda: weight
+    trainer.next_unlabeled_images = lambda: x_u
+    seed_everything(5)  # same teacher noise in every call
+    trainer.train_step(batch)
+    return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in trainer.network.parameters()]
+
+
+def test_unlabeled_loss_really_changes_the_student_gradient(nnunet_env, monkeypatch):
+    # gradient clipping would rescale each call differently; the linearity check needs raw gradients
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: None)
+    seed_everything(0)
+    trainer = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env)
+    trainer.on_train_start()
+    # make the teacher differ from the student, as it does after some training
+    with torch.no_grad():
+        for p in trainer.teacher.module.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = next(trainer.dataloader_train)
+    x_u = trainer.next_unlabeled_images()
+    g0 = _grads(trainer, batch, x_u, 0.0)
+    g1 = _grads(trainer, batch, x_u, 1.0)
+    g2 = _grads(trainer, batch, x_u, 2.0)
+    diff1 = torch.cat([(a - b).flatten() for a, b in zip(g1, g0)])
+    diff2 = torch.cat([(a - b).flatten() for a, b in zip(g2, g0)])
+    assert diff1.norm() > 1e-4 * torch.cat([g.flatten() for g in g0]).norm()
+    # the unlabeled term enters the gradient linearly in its weight
+    assert (diff2 - 2 * diff1).norm() < 1e-3 * diff1.norm()
+
+
+def _corrupt_labels(env, cases):
+    folder = os.path.join(env.dataset_pp, "nnUNetPlans_3d_fullres")
+    rng = np.random.default_rng(0)
+    for c in cases:
+        path = os.path.join(folder, c + "_seg.b2nd")
+        seg = blosc2.open(path)[:]
+        os.remove(path)
+        blosc2.asarray(rng.integers(0, 3, seg.shape).astype(np.int16), urlpath=path)
+
+
+def _train_subset(env, n_iter=2):
+    seed_everything(123)
+    trainer = make_trainer(nnUNetTrainerMeanTeacher, env, num_labeled=2, use_unlabeled_folder=False,
+                           teacher_noise_std=0.1)
+    run_iterations(trainer, n_iter)
+    return trainer, student_state(trainer), {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+
+
+def test_labels_of_unlabeled_cases_never_reach_the_loss(nnunet_env):
+    """Labeled-subset mode: corrupting the hidden labels leaves training bit-identical; corrupting a
+    labeled case's labels does not (so the comparison can fail)."""
+    trainer, student_a, teacher_a = _train_subset(nnunet_env)
+    demoted, labeled = trainer.demoted_cases, trainer.labeled_cases
+    assert len(labeled) == 2 and len(demoted) == 2 and set(demoted).isdisjoint(labeled)
+    assert sorted(trainer.unlabeled_dataset.identifiers) == sorted(demoted)
+
+    _corrupt_labels(nnunet_env, demoted)
+    _, student_b, teacher_b = _train_subset(nnunet_env)
+    for k in student_a:
+        assert torch.equal(student_a[k], student_b[k]), k
+        assert torch.equal(teacher_a[k], teacher_b[k]), k
+
+    _corrupt_labels(nnunet_env, labeled[:1])
+    _, student_c, _ = _train_subset(nnunet_env)
+    assert any(not torch.equal(student_a[k], student_c[k]) for k in student_a)
+
+
+def test_unlabeled_sources_combine(nnunet_env):
+    seed_everything(0)
+    trainer = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env, num_labeled=3)
+    trainer.get_tr_and_val_datasets()
+    ids = trainer.unlabeled_dataset.identifiers
+    assert sorted(ids) == sorted(trainer.demoted_cases + ["unl_000", "unl_001", "unl_002"])
+
+
+def test_one_epoch_logs_ssl_metrics_and_checkpoints_the_teacher(nnunet_env):
+    seed_everything(0)
+    trainer = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env, num_epochs=1, predict_with="teacher")
+    trainer.run_training()
+    log = trainer.logger.local_logger.my_fantastic_logging
+    assert len(log["consistency_loss"]) == 1 and np.isfinite(log["consistency_loss"][0])
+    assert 0 < log["consistency_weight"][0] < 0.1
+    out = trainer.output_folder
+    assert os.path.isfile(os.path.join(out, "progress.png"))
+    assert os.path.isfile(os.path.join(out, "samssl_config.yaml"))
+    ckpt = torch.load(os.path.join(out, "checkpoint_final.pth"), weights_only=False)
+    for k, v in ckpt["network_weights"].items():  # predict_with: teacher
+        assert torch.equal(v, ckpt["samssl"]["teacher_weights"][k])
+    assert ckpt["samssl"]["config"]["num_epochs"] == 1
+    assert not any(f.startswith(".") for f in os.listdir(out))
+
+
+def test_resume_restores_student_teacher_optimizer_and_settings(nnunet_env):
+    seed_everything(0)
+    trainer = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env, ema_decay=0.9)
+    run_iterations(trainer, 2)
+    trainer.save_effective_config()
+    trainer.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_latest.pth"))
+    # resume: no overrides in the environment -> the saved settings are used (ema_decay 0.9, 2 epochs)
+    resumed = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env, continue_training=True, use_overrides=False)
+    assert resumed.ssl_config["ema_decay"] == 0.9 and resumed.num_epochs == 2
+    resumed.load_checkpoint(os.path.join(resumed.output_folder, "checkpoint_latest.pth"))
+    assert resumed.current_epoch == 1
+    for k, v in student_state(trainer).items():
+        assert torch.equal(v, student_state(resumed)[k])
+    for k, v in trainer.teacher.state_dict().items():
+        assert torch.equal(v, resumed.teacher.state_dict()[k])
+    a, b = trainer.optimizer.state_dict(), resumed.optimizer.state_dict()
+    for pid in a["state"]:
+        assert torch.equal(a["state"][pid]["momentum_buffer"], b["state"][pid]["momentum_buffer"])
+
+
+def test_resume_uses_newest_readable_checkpoint(nnunet_env):
+    seed_everything(0)
+    trainer = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env)
+    trainer.initialize()
+    out = trainer.output_folder
+    trainer.current_epoch = 3
+    trainer.save_checkpoint(os.path.join(out, "checkpoint_best.pth"))  # stores epoch 4
+    trainer.current_epoch = 1
+    trainer.save_checkpoint(os.path.join(out, "checkpoint_latest.pth"))  # older
+    resumed = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env, continue_training=True)
+    resumed.load_checkpoint(os.path.join(out, "checkpoint_latest.pth"))
+    assert resumed.current_epoch == 4
+    # a truncated file (as a kill during an in-place write leaves) is skipped with a warning
+    with open(os.path.join(out, "checkpoint_best.pth"), "r+b") as f:
+        f.truncate(1000)
+    resumed = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env, continue_training=True)
+    resumed.load_checkpoint(os.path.join(out, "checkpoint_latest.pth"))
+    assert resumed.current_epoch == 2
+
+
+def test_checkpoint_write_is_atomic(nnunet_env, monkeypatch):
+    trainer = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env)
+    trainer.initialize()
+    path = os.path.join(trainer.output_folder, "checkpoint_latest.pth")
+    trainer.save_checkpoint(path)
+    before = open(path, "rb").read()
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        f.write(b"partial")
+        raise KeyboardInterrupt("killed during torch.save")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    trainer.current_epoch = 5
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert open(path, "rb").read() == before
+    assert os.listdir(trainer.output_folder) == [p for p in os.listdir(trainer.output_folder) if not p.startswith(".")]
+
+
+class nnUNetTrainerMeanTeacher_5epochs(nnUNetTrainerMeanTeacher):
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 5
+
+
+def test_subclass_setting_num_epochs_the_nnunet_way(nnunet_env):
+    trainer = make_trainer(nnUNetTrainerMeanTeacher_5epochs, nnunet_env, num_epochs=3)
+    assert trainer.num_epochs == 5 and trainer.effective_config()["num_epochs"] == 5
+
+
+def test_no_unlabeled_data_is_a_clear_error(nnunet_env):
+    trainer = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env, use_unlabeled_folder=False)
+    with pytest.raises(UnlabeledDataError, match="needs unlabeled data and found none.*num_labeled"):
+        trainer.on_train_start()
+
+
+def test_unlabeled_folder_not_preprocessed_is_a_clear_error(nnunet_env):
+    shutil.rmtree(os.path.join(nnunet_env.dataset_pp, "nnUNetPlans_3d_fullres_unlabeled"))
+    trainer = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env)
+    with pytest.raises(UnlabeledDataError, match="not preprocessed.*nnUNetv2_samssl_preprocess_unlabeled -d "
+                                                 "Dataset977_SamsslTiny -c 3d_fullres"):
+        trainer.on_train_start()
+
+
+def test_num_labeled_larger_than_fold(nnunet_env):
+    trainer = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env, num_labeled=5)  # fold 0 has 4 training cases
+    with pytest.raises(LabeledSubsetError, match="num_labeled=5 must lie between 1 and the fold's 4"):
+        trainer.on_train_start()
+
+
+def test_unknown_setting_fails_at_construction(nnunet_env):
+    with pytest.raises(ConfigError, match="Unknown setting 'ema'"):
+        make_trainer(nnUNetTrainerMeanTeacher, nnunet_env, ema=0.5)
