@@ -90,6 +90,7 @@ setup(
             "nnUNetv2_samssl_preprocess_unlabeled=nnunetv2_samssl.data.unlabeled_preprocessing:main",
             "nnUNetv2_samssl_make_demo=nnunetv2_samssl.demo.synthetic:main",
             "nnUNetv2_samssl_demo=nnunetv2_samssl.demo.run_demo:main",
+            "nnUNetv2_samssl_convert_sam_med3d=nnunetv2_samssl.sam.sam_med3d.convert:main",
         ],
     },
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},
