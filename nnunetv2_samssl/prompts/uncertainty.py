@@ -1,0 +1,98 @@
+"""Voxel-wise uncertainty maps computed from a segmentation model's own probabilities.
+
+Everything here reads softmax probabilities only (never labels) and returns one value per voxel, batched
+over any number of leading samples. Shapes: probabilities ``(B, K, *spatial)`` with the class axis at
+``dim=1`` (a single channel ``K = 1`` is read as the foreground probability of a binary problem).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+Tensor = torch.Tensor
+
+__all__ = ["predictive_entropy", "probability_variance", "student_teacher_disagreement", "prompt_uncertainty",
+           "UNCERTAINTY_MEASURES"]
+
+UNCERTAINTY_MEASURES = ("entropy", "disagreement", "max")
+
+
+def _as_distribution(probs: Tensor, dim: int) -> Tensor:
+    if probs.shape[dim] == 1:
+        return torch.cat([1.0 - probs, probs], dim)
+    return probs
+
+
+def predictive_entropy(probs: Tensor, dim: int = 1, eps: float = 1e-8) -> Tensor:
+    """Entropy of the class distribution per voxel, normalised by ``log K`` to ``[0, 1]``.
+
+    Args:
+        probs: ``(B, K, *spatial)`` probabilities summing to 1 over ``dim`` (``K = 1``: foreground probability).
+    Returns:
+        ``(B, *spatial)`` float32; 0 for a one-hot voxel, 1 for the uniform distribution.
+    """
+    p = _as_distribution(probs.float(), dim)
+    num_classes = p.shape[dim]
+    entropy = -(p * torch.log(p.clamp_min(eps))).sum(dim)
+    return (entropy / math.log(num_classes)).clamp(0.0, 1.0)
+
+
+def probability_variance(maps: Union[Tensor, Sequence[Tensor]], dim: int = 0) -> Tensor:
+    """Population variance (divisor M) over M probability maps of the same shape, per element.
+
+    With maps in ``[0, 1]`` the result lies in ``[0, 0.25]``. Used for SemiSAM+'s ``unc`` map (the student's
+    map and the SAM map of every click) and for student/teacher variance.
+
+    Args:
+        maps: a stacked tensor with the M maps along ``dim`` or a sequence of equally shaped tensors.
+    """
+    stacked = torch.stack(list(maps), dim) if not torch.is_tensor(maps) else maps
+    return stacked.float().var(dim=dim, correction=0)
+
+
+def student_teacher_disagreement(student: Tensor, teacher: Tensor, dim: int = 1) -> Tensor:
+    """Disagreement between two class distributions per voxel: ``0.5 * sum_k (s_k - t_k)^2`` in ``[0, 1]``.
+
+    This is twice the class-summed variance of the two maps, scaled so that two different one-hot
+    predictions give 1 and identical predictions give 0.
+
+    Args:
+        student, teacher: ``(B, K, *spatial)`` probabilities.
+    Returns:
+        ``(B, *spatial)`` float32.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} shapes differ")
+    s = _as_distribution(student.float(), dim)
+    t = _as_distribution(teacher.float(), dim)
+    return (0.5 * (s - t).pow(2).sum(dim)).clamp(0.0, 1.0)
+
+
+def prompt_uncertainty(student: Tensor, teacher: Optional[Tensor] = None, measure: str = "entropy",
+                       dim: int = 1) -> Tensor:
+    """The uncertainty map that gates prompt selection, in ``[0, 1]`` per voxel.
+
+    Args:
+        student: ``(B, K, *spatial)`` student probabilities.
+        teacher: optional ``(B, K, *spatial)`` teacher probabilities.
+        measure: ``"entropy"`` — normalised entropy of the student (of the student/teacher mean when a teacher
+            is given); ``"disagreement"`` — :func:`student_teacher_disagreement` (needs a teacher);
+            ``"max"`` — the larger of the two.
+    Returns:
+        ``(B, *spatial)`` float32.
+    """
+    if measure not in UNCERTAINTY_MEASURES:
+        raise ValueError(f"uncertainty measure must be one of {UNCERTAINTY_MEASURES}, got {measure!r}")
+    if measure in ("disagreement", "max") and teacher is None:
+        raise ValueError(f"uncertainty measure {measure!r} needs teacher probabilities; pass teacher_probs "
+                         "or use measure='entropy'")
+    mean = student.float() if teacher is None else 0.5 * (student.float() + teacher.float())
+    entropy = predictive_entropy(mean, dim) if measure != "disagreement" else None
+    if measure == "entropy":
+        return entropy
+    disagreement = student_teacher_disagreement(student, teacher, dim)
+    if measure == "disagreement":
+        return disagreement
+    return torch.maximum(entropy, disagreement)

@@ -1,0 +1,394 @@
+"""SAM pseudo-labels for unlabeled patches, prompted by the segmentation model's own prediction (SemiSAM/SemiSAM+).
+
+Data path of one call::
+
+    unlabeled images (B, C, *patch), student/teacher softmax (B, K, *patch)
+      -> prompt source + voxel-wise uncertainty (never a label)
+      -> ROI = predicted foreground -> SamSpaceMapper.to_model -> crops (Q, C, *size)   [tiles / slices]
+      -> one decoder query per (crop, foreground class present in it)   -> Qp queries
+      -> encoder once on the Q crops; decoder batched over the Qp queries
+         point: initial SemiSAM points, then one new click per step, previous low-res logits as mask prompt
+         mask:  the prediction, downsampled to the decoder's low-res grid, as the dense mask prompt (1 pass)
+         unc:   as point, plus U = variance over (student map, SAM map of every click)
+      -> low-res logits -> SamSpaceMapper.to_patch (sigmoid, tiles averaged) -> classes combined
+      -> SamPseudoLabel(probabilities (B, K, *patch), valid (B, *patch), uncertainty, stats)
+
+Prompts are drawn in model space, on the student's probabilities resampled into each query's window: that
+keeps every prompt inside its crop (tiles, slices) and lets the click loop compare SAM's output with the
+segmentation model's prediction on SAM's own grid.
+
+Combining classes: each foreground class ``k`` gets an independent SAM probability ``q_k`` (sigmoid of its own
+query; 0 where the class was not queried). Overlaps are resolved per voxel by
+``p_0 = 1 - max_k q_k`` and ``p_k = max_j q_j * q_k / sum_j q_j``: the foreground mass is the strongest class's
+probability (the union), shared among the classes in proportion to their probabilities.
+
+Complexity per call (Q crops, Qp = sum over crops of the classes present, V voxels of the model window,
+P patch voxels, n clicks): the encoder runs once on Q crops (the dominant cost, e.g. ~24 ms per 128^3 crop for
+SAM-Med3D on an H100); the decoder runs ``n`` times (``point``/``unc``) or once (``mask``) on all Qp queries
+together. Resampling is separable matmuls, ``O((Q + Qp) * C * V * max side)``. Each click costs a few
+``O(Qp * V)`` tensor operations plus ``max_click_depth`` separable erosions (``O(Qp * V * max_click_depth)``).
+Python loops run over clicks, spatial axes and encoder chunks only, never over samples, classes or voxels;
+a handful of host synchronisations per call size the data-dependent query batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from nnunetv2_samssl.prompts.semisam_points import next_click, semisam_points
+from nnunetv2_samssl.prompts.uncertainty import UNCERTAINTY_MEASURES, prompt_uncertainty
+from nnunetv2_samssl.sam.interface import PromptableModel
+from nnunetv2_samssl.sam.space import ModelBatch, SamSpaceMapper, bounding_boxes, downsample_to_scales
+
+Tensor = torch.Tensor
+
+__all__ = ["SamPseudoLabel", "SamPseudoLabeler", "combine_class_probabilities", "PROMPT_MODES"]
+
+PROMPT_MODES = ("point", "mask", "unc")
+
+
+@dataclass
+class SamPseudoLabel:
+    """What the SAM branch returns for a batch of unlabeled patches (all detached, float32 / bool).
+
+    Attributes:
+        probabilities: ``(B, K, *patch)`` pseudo-label probabilities, summing to 1 over ``K``. Where ``valid``
+            is false they are a copy of the prompt-source probabilities, so a loss that forgot the mask would
+            degrade to self-consistency rather than to a wrong target.
+        valid: ``(B, *patch)`` bool, voxels covered by at least one SAM query.
+        uncertainty: ``(B, *patch)`` SemiSAM+ ``unc`` map in ``[0, 0.25]`` (population variance over the
+            student's and SAM's per-click probabilities, max over classes; 0 where invalid); ``None`` in the
+            other modes.
+        stats: ``num_crops`` (encoder inputs), ``num_queries`` (decoder queries), ``num_decoder_calls``,
+            ``points_per_query``, ``valid_fraction``.
+    """
+
+    probabilities: Tensor
+    valid: Tensor
+    uncertainty: Optional[Tensor]
+    stats: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def hard_label(self) -> Tensor:
+        """``(B, *patch)`` long argmax of :attr:`probabilities`."""
+        return self.probabilities.argmax(1)
+
+    def at_scales(self, scales: Sequence, min_valid_fraction: float = 0.5) -> List[Tuple[Tensor, Tensor]]:
+        """``(probabilities, valid)`` at nnU-Net's deep-supervision scales (see :func:`downsample_to_scales`)."""
+        return downsample_to_scales(self.probabilities, self.valid, scales, min_valid_fraction)
+
+
+def combine_class_probabilities(foreground: Tensor) -> Tensor:
+    """Independent per-class foreground probabilities ``(B, K-1, *patch)`` -> a distribution ``(B, K, *patch)``.
+
+    ``p_0 = 1 - max_k q_k``; ``p_k = max_j q_j * q_k / sum_j q_j`` (0 for all ``k`` where every ``q`` is 0).
+    """
+    union = foreground.amax(1, keepdim=True)
+    total = foreground.sum(1, keepdim=True)
+    has_foreground = total > 1e-12
+    share = torch.where(has_foreground, foreground / total.clamp_min(1e-12), torch.zeros_like(foreground))
+    background = 1.0 - torch.where(has_foreground, union, torch.zeros_like(union))
+    return torch.cat([background, union * share], 1)
+
+
+class SamPseudoLabeler:
+    """Frozen promptable model + space mapper + prediction-driven prompts -> SAM pseudo-labels.
+
+    Args:
+        model: the promptable backend; it is frozen (``requires_grad_(False)``, ``eval()``) and must live on the
+            device of the tensors passed to :meth:`__call__`.
+        mode: ``"point"``, ``"mask"`` or ``"unc"`` (SemiSAM+).
+        num_clicks: decoder passes in ``point``/``unc`` mode: the first uses the initial SemiSAM points, every
+            later one adds exactly one click (all earlier points kept) and passes the previous low-res logits
+            as the mask prompt (when the model accepts masks).
+        num_positive, num_negative: initial SemiSAM points per query (negatives from the band around the object).
+        uncertainty_threshold: prompts and error clicks only where the uncertainty map is below this.
+        uncertainty_measure: ``"entropy"``, ``"disagreement"`` or ``"max"`` (see
+            :func:`~nnunetv2_samssl.prompts.uncertainty.prompt_uncertainty`); the latter two need teacher
+            probabilities.
+        prompt_source: probabilities the prompts and ROIs come from: ``"student"``, ``"teacher"`` or ``"mean"``.
+        negative_band: half-width, in model voxels, of the band around the object where negatives are drawn.
+        positive_selection: ``"random"`` (SemiSAM) or ``"interior"`` for the initial positive points.
+        roi: ``"union"`` (one crop per sample covering all predicted classes, decoded once per class: fewer
+            encoder passes) or ``"per_class"`` (a crop per sample and class, centred on that class).
+        roi_margin, tile_overlap, slice_axis, max_zoom: passed to :class:`SamSpaceMapper`.
+        prompt_kind: ``"auto"`` (points when the model accepts them, else boxes), ``"points"`` or ``"boxes"``.
+            In ``mask`` mode a box (``"boxes"``, or a model without point prompts) goes with the mask prompt.
+            LiteMedSAM accepts points but was trained with boxes: use ``"boxes"`` there.
+        box_margin: model voxels added around the box of the confident predicted foreground.
+        mask_prompt_eps: probabilities are clamped to ``[eps, 1 - eps]`` before ``logit`` for the mask prompt, so
+            the prompt logits stay within ``+-log((1 - eps) / eps)`` (about +-9.2 for 1e-4).
+        max_click_depth: erosion cap of the click placement (see :func:`next_click`).
+        min_click_depth: disagreement regions thinner than this (in 3-wide erosions, i.e. about
+            ``2 * min_click_depth - 1`` model voxels) get no click: boundary jitter between SAM's low-res output
+            and the prediction is not an error worth a click.
+        autocast_bf16: run the promptable model under bf16 autocast on CUDA.
+        encoder_batch_size: encode crops in chunks of this size (``None``: all at once).
+    """
+
+    def __init__(self, model: PromptableModel, mode: str = "point", *, num_clicks: int = 10, num_positive: int = 1,
+                 num_negative: int = 0, uncertainty_threshold: float = 0.5, uncertainty_measure: str = "entropy",
+                 prompt_source: str = "student", negative_band: int = 5, positive_selection: str = "random",
+                 roi: str = "union", roi_margin: float = 0.05, tile_overlap: float = 0.25, slice_axis: int = 0,
+                 max_zoom: Optional[float] = None, prompt_kind: str = "auto", box_margin: int = 4,
+                 mask_prompt_eps: float = 1e-4, max_click_depth: int = 8, min_click_depth: int = 2,
+                 autocast_bf16: bool = True,
+                 encoder_batch_size: Optional[int] = None):
+        if mode not in PROMPT_MODES:
+            raise ValueError(f"mode must be one of {PROMPT_MODES}, got {mode!r}")
+        if num_clicks < 1:
+            raise ValueError(f"num_clicks must be >= 1, got {num_clicks}")
+        if uncertainty_measure not in UNCERTAINTY_MEASURES:
+            raise ValueError(f"uncertainty_measure must be one of {UNCERTAINTY_MEASURES}, got {uncertainty_measure!r}")
+        if prompt_source not in ("student", "teacher", "mean"):
+            raise ValueError(f"prompt_source must be 'student', 'teacher' or 'mean', got {prompt_source!r}")
+        if roi not in ("union", "per_class"):
+            raise ValueError(f"roi must be 'union' or 'per_class', got {roi!r}")
+        if positive_selection not in ("random", "interior"):
+            raise ValueError(f"positive_selection must be 'random' or 'interior', got {positive_selection!r}")
+        if not 0.0 < mask_prompt_eps < 0.5:
+            raise ValueError(f"mask_prompt_eps must be in (0, 0.5), got {mask_prompt_eps}")
+        kinds = set(model.input_space.prompt_kinds)
+        if prompt_kind == "auto":
+            sparse = "points" if "points" in kinds else "boxes" if "boxes" in kinds else None
+        elif prompt_kind in ("points", "boxes"):
+            sparse = prompt_kind if prompt_kind in kinds else None
+        else:
+            raise ValueError(f"prompt_kind must be 'auto', 'points' or 'boxes', got {prompt_kind!r}")
+        if mode in ("point", "unc") and sparse is None:
+            raise ValueError(f"mode={mode!r} needs a model that accepts point or box prompts (prompt_kind="
+                             f"{prompt_kind!r}); the model accepts {sorted(kinds)}")
+        if mode == "mask" and "masks" not in kinds:
+            if sparse != "boxes":
+                raise ValueError(f"mode='mask' needs a model whose input_space.prompt_kinds contains 'masks' "
+                                 f"(or 'boxes'); the model accepts {sorted(kinds)}")
+            warnings.warn("mode='mask': the model accepts no mask prompts; it is prompted with the box of the "
+                          "confident predicted foreground only", stacklevel=2)
+        self.model = model
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.mode = mode
+        # mask mode never adds points; it adds a box when boxes were asked for or are all the model takes
+        self.sparse_prompt = sparse if mode != "mask" else ("boxes" if sparse == "boxes" else None)
+        self.accepts_masks = "masks" in kinds
+        self.num_clicks = num_clicks
+        self.num_positive = num_positive
+        self.num_negative = num_negative
+        self.uncertainty_threshold = uncertainty_threshold
+        self.uncertainty_measure = uncertainty_measure
+        self.prompt_source = prompt_source
+        self.negative_band = negative_band
+        self.positive_selection = positive_selection
+        self.roi = roi
+        self.mapper_settings = dict(roi_margin=roi_margin, tile_overlap=tile_overlap, slice_axis=slice_axis,
+                                    max_zoom=max_zoom)
+        self.box_margin = box_margin
+        self.mask_prompt_eps = mask_prompt_eps
+        self.max_click_depth = max_click_depth
+        self.min_click_depth = min_click_depth
+        self.autocast_bf16 = autocast_bf16
+        self.encoder_batch_size = encoder_batch_size
+        self._mappers: Dict[Tuple[float, ...], SamSpaceMapper] = {}
+        self._decoder_calls = 0
+
+    # ------------------------------------------------------------------ helpers
+    def mapper(self, patch_spacing: Sequence[float]) -> SamSpaceMapper:
+        """The (cached) mapper for patches of this spacing."""
+        key = tuple(float(s) for s in patch_spacing)
+        if key not in self._mappers:
+            self._mappers[key] = SamSpaceMapper(self.model.input_space, key, **self.mapper_settings)
+        return self._mappers[key]
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_bf16 and device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _encode(self, images: Tensor) -> Tensor:
+        chunks = images.split(self.encoder_batch_size) if self.encoder_batch_size else (images,)
+        with self._autocast(images.device):
+            return torch.cat([self.model.encode(self.model.normalize(chunk)) for chunk in chunks], 0)
+
+    def _decode(self, embeddings: Tensor, points: Optional[Tensor], labels: Optional[Tensor],
+                boxes: Optional[Tensor], mask_logits: Optional[Tensor]) -> Tensor:
+        with self._autocast(embeddings.device):
+            low_res, _ = self.model.decode(embeddings, points=points, point_labels=labels, boxes=boxes,
+                                           mask_logits=mask_logits)
+        self._decoder_calls += 1
+        return low_res.float()
+
+    def _box(self, foreground: Tensor, confident: Tensor) -> Tensor:
+        """Box ``(Qp, 2 * d)`` (min corner..., max corner...) of the confident foreground (the whole foreground
+        where nothing is confident), widened by ``box_margin`` and clipped to the window."""
+        core = foreground & confident
+        use_core = core.flatten(1).any(1).view(-1, *([1] * (foreground.dim() - 1)))
+        lo, hi, _ = bounding_boxes(torch.where(use_core, core, foreground))
+        upper = torch.tensor(foreground.shape[1:], device=lo.device) - 1
+        lo = (lo - self.box_margin).clamp_min(0)
+        hi = torch.minimum(hi + self.box_margin, upper)
+        return torch.cat([lo, hi], 1).float()
+
+    def _empty(self, source: Tensor, crops: int) -> "SamPseudoLabel":
+        b, patch = source.shape[0], source.shape[2:]
+        valid = torch.zeros((b, *patch), dtype=torch.bool, device=source.device)
+        uncertainty = torch.zeros((b, *patch), device=source.device) if self.mode == "unc" else None
+        stats = dict(num_crops=float(crops), num_queries=0.0, num_decoder_calls=0.0, points_per_query=0.0,
+                     valid_fraction=0.0)
+        return SamPseudoLabel(source.clone(), valid, uncertainty, stats)
+
+    # ------------------------------------------------------------------ main entry
+    def __call__(self, images: Tensor, student_probs: Tensor, teacher_probs: Optional[Tensor] = None, *,
+                 patch_spacing: Sequence[float], generator: Optional[torch.Generator] = None) -> SamPseudoLabel:
+        """SAM pseudo-labels for a batch of unlabeled patches.
+
+        Args:
+            images: ``(B, C, *patch)`` nnU-Net-normalised unlabeled images (2D or 3D patches).
+            student_probs: ``(B, K, *patch)`` softmax probabilities of the student (channel 0 background).
+            teacher_probs: optional ``(B, K, *patch)`` softmax probabilities of the EMA teacher.
+            patch_spacing: voxel spacing (mm) of the patch, tensor axis order (the nnU-Net configuration's).
+            generator: makes prompt sampling deterministic.
+        Returns:
+            :class:`SamPseudoLabel`. No label is read anywhere on this path.
+        """
+        if images.dim() not in (4, 5):
+            raise ValueError(f"images must be (B, C, *patch) with a 2D or 3D patch, got {tuple(images.shape)}")
+        if student_probs.dim() != images.dim() or student_probs.shape[0] != images.shape[0] \
+                or student_probs.shape[2:] != images.shape[2:] or student_probs.shape[1] < 2:
+            raise ValueError(f"student_probs must be (B, K>=2, *patch) softmax probabilities matching images "
+                             f"{tuple(images.shape)}, got {tuple(student_probs.shape)}")
+        if teacher_probs is not None and teacher_probs.shape != student_probs.shape:
+            raise ValueError(f"teacher_probs {tuple(teacher_probs.shape)} must match student_probs "
+                             f"{tuple(student_probs.shape)}")
+        if self.prompt_source != "student" and teacher_probs is None:
+            raise ValueError(f"prompt_source={self.prompt_source!r} needs teacher_probs")
+        with torch.no_grad():
+            return self._pseudo_label(images, student_probs, teacher_probs, patch_spacing, generator)
+
+    def _pseudo_label(self, images: Tensor, student_probs: Tensor, teacher_probs: Optional[Tensor],
+                      patch_spacing: Sequence[float], generator: Optional[torch.Generator]) -> SamPseudoLabel:
+        self.model.eval()
+        self._decoder_calls = 0
+        student = student_probs.detach().float()
+        teacher = None if teacher_probs is None else teacher_probs.detach().float()
+        source = {"student": student, "teacher": teacher,
+                  "mean": None if teacher is None else 0.5 * (student + teacher)}[self.prompt_source]
+        uncertainty = prompt_uncertainty(student, teacher, self.uncertainty_measure)  # (B, *patch)
+        num_classes, ndim = source.shape[1], source.dim() - 2
+        predicted = source.argmax(1)
+        classes = torch.arange(1, num_classes, device=source.device).view(1, -1, *([1] * ndim))
+        foreground = predicted.unsqueeze(1) == classes  # (B, K-1, *patch)
+
+        # crops: one per sample (union of the classes) or per sample and class; tiles / slices as needed
+        mapper = self.mapper(patch_spacing)
+        roi = (predicted > 0).unsqueeze(1) if self.roi == "union" else foreground
+        crops = mapper.to_model(images.detach().float(), roi, keep_empty=False)
+        if crops.num_queries == 0:
+            return self._empty(source, 0)
+        if self.roi == "union":
+            present = foreground.flatten(2).any(2)  # (B, K-1)
+            crop_of_query, channel = present[crops.sample_index].nonzero(as_tuple=True)
+        else:
+            crop_of_query, channel = torch.arange(crops.num_queries, device=source.device), crops.channel_index
+        queries = crops.select(crop_of_query, channel_index=channel, num_channels=num_classes - 1,
+                               with_images=False)
+
+        # the prediction in each query's window: foreground of its class = argmax there (margin > 0)
+        top = source.topk(2, dim=1)
+        is_best = torch.arange(num_classes, device=source.device).view(1, -1, *([1] * ndim)) == top.indices[:, :1]
+        best_other = torch.where(is_best, top.values[:, 1:2], top.values[:, :1])
+        margin = (source - best_other)[:, 1:]
+        inside = queries.inside_patch()
+        fg_model = (queries.patch_to_model(margin, select_channel=True)[:, 0] > 0) & inside
+        keep = fg_model.flatten(1).any(1)
+        if not bool(keep.all()):  # a tile or slice without this class: no prompt, no query
+            kept = keep.nonzero(as_tuple=True)[0]
+            queries, crop_of_query = queries.select(kept, with_images=False), crop_of_query[kept]
+            fg_model, inside = fg_model[kept], inside[kept]
+        if queries.num_queries == 0:
+            return self._empty(source, crops.num_queries)
+        unc_model = queries.patch_to_model(uncertainty.unsqueeze(1), pad_value=1.0)[:, 0]
+
+        embeddings = self._encode(crops.images)[crop_of_query]
+        points_per_query = 0
+        variance = None
+        if self.mode == "mask":
+            low_res = self._mask_prompt_pass(embeddings, queries, source, fg_model, unc_model)
+        else:
+            student_model = queries.patch_to_model(student[:, 1:], select_channel=True)[:, 0] \
+                if self.mode == "unc" else None
+            low_res, variance, points_per_query = self._click_loop(embeddings, fg_model, unc_model, inside,
+                                                                   student_model, generator)
+
+        fg_probs, covered = mapper.to_patch(low_res, queries, activation="sigmoid")  # (B, K-1, *patch)
+        valid = covered.any(1)
+        probabilities = combine_class_probabilities(fg_probs)
+        probabilities = torch.where(valid.unsqueeze(1), probabilities, source)
+        unc_map = None
+        if variance is not None:
+            per_class, _ = mapper.to_patch(variance.unsqueeze(1), queries)
+            unc_map = per_class.amax(1) * valid
+        stats = dict(num_crops=float(crops.num_queries), num_queries=float(queries.num_queries),
+                     num_decoder_calls=float(self._decoder_calls), points_per_query=float(points_per_query),
+                     valid_fraction=float(valid.float().mean()))
+        return SamPseudoLabel(probabilities, valid, unc_map, stats)
+
+    # ------------------------------------------------------------------ prompt modes
+    def _mask_prompt_pass(self, embeddings: Tensor, queries: ModelBatch, source: Tensor, fg_model: Tensor,
+                          unc_model: Tensor) -> Tensor:
+        """``mask`` mode: one decoder pass with the predicted probability of each query's class, area-resampled
+        onto the decoder's low-res grid and turned into clamped logits (plus a box for box-only models)."""
+        space = self.model.input_space
+        mask_logits = None
+        if self.accepts_masks:
+            low_res_probs = queries.patch_to_model(source[:, 1:], size=space.low_res_size, select_channel=True)
+            eps = self.mask_prompt_eps
+            mask_logits = torch.logit(low_res_probs.clamp(eps, 1.0 - eps))
+        boxes = self._box(fg_model, unc_model < self.uncertainty_threshold) if self.sparse_prompt == "boxes" \
+            else None
+        return self._decode(embeddings, None, None, boxes, mask_logits)
+
+    def _click_loop(self, embeddings: Tensor, fg_model: Tensor, unc_model: Tensor, inside: Tensor,
+                    student_model: Optional[Tensor], generator: Optional[torch.Generator]
+                    ) -> Tuple[Tensor, Optional[Tensor], int]:
+        """``point`` / ``unc`` mode. Returns the last low-res logits ``(Qp, 1, *low_res)``, the ``unc`` variance
+        ``(Qp, *size)`` (or ``None``) and the number of points per query at the last step."""
+        confident = unc_model < self.uncertainty_threshold
+        if self.sparse_prompt == "points":
+            points, labels = semisam_points(
+                fg_model, unc_model, num_positive=self.num_positive, num_negative=self.num_negative,
+                uncertainty_threshold=self.uncertainty_threshold, band_radius=self.negative_band,
+                background=~fg_model & inside, region=inside, positive_selection=self.positive_selection,
+                max_depth=self.max_click_depth, generator=generator)
+            boxes, steps = None, self.num_clicks
+        else:  # box-only model: one pass with the box of the confident predicted foreground
+            points = labels = None
+            boxes, steps = self._box(fg_model, confident), 1
+
+        total = sum_sq = None
+        if student_model is not None:
+            total, sum_sq = student_model.clone(), student_model.pow(2)
+        previous = None
+        for step in range(steps):
+            if step > 0:
+                prompted = self.model.upscale(previous)[:, 0] > 0
+                click, click_label = next_click(prompted, fg_model, uncertainty=unc_model,
+                                                uncertainty_threshold=self.uncertainty_threshold, region=inside,
+                                                max_depth=self.max_click_depth, min_depth=self.min_click_depth,
+                                                generator=generator)
+                points = torch.cat([points, click], 1)
+                labels = torch.cat([labels, click_label], 1)
+            mask_prompt = previous if (previous is not None and self.accepts_masks) else None
+            previous = self._decode(embeddings, points, labels, boxes, mask_prompt)
+            if total is not None:
+                sam_probs = torch.sigmoid(self.model.upscale(previous)[:, 0].float())
+                total += sam_probs
+                sum_sq += sam_probs.pow(2)
+        variance = None
+        if total is not None:
+            count = steps + 1
+            variance = (sum_sq / count - (total / count).pow(2)).clamp_min(0.0)
+        return previous, variance, 0 if points is None else int(points.shape[1])

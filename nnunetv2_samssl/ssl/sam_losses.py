@@ -1,0 +1,170 @@
+"""Losses between the student's logits and SAM pseudo-labels on unlabeled patches.
+
+All take the student's logits ``(B, K, *spatial)``, the SAM pseudo-label probabilities ``(B, K, *spatial)``
+(detached here), and a validity mask ``(B, *spatial)`` (bool, voxels SAM covered; ``None`` for all): invalid
+voxels contribute neither to the value nor to the gradient. With no valid voxel at all the loss is a zero that
+still belongs to the graph, so ``backward()`` works and leaves zero gradients.
+
+Forms:
+
+* ``soft_mse``: mean squared error between the student's softmax and the SAM probabilities (SemiSAM's
+  consistency form), averaged over classes and valid voxels.
+* ``dice_ce``: cross-entropy plus soft Dice against the hard pseudo-label ``argmax`` (nnU-Net's loss form).
+* ``uncertainty_mse``: SemiSAM+'s uncertainty-weighted form
+  ``mean(d * U) / (mean(U) + eps) + mean(U)`` with ``d`` the per-voxel squared softmax difference and ``U`` the
+  voxel-wise ``unc`` map, means over valid voxels. ``U`` is treated as a constant (detached), so ``mean(U)``
+  shifts the value but carries no gradient; the gradient comes from the weighted term, i.e. the MSE with each
+  voxel weighted by ``U / mean(U)``. The public code's extra normalisation ``sum(x) / (sum(x) + eps)`` is
+  deliberately absent: it is ~1 for any positive ``x`` and removes the gradient.
+
+Deep supervision: :class:`SamPseudoLabelLoss` accepts lists (full resolution first, nnU-Net's order) for every
+argument, e.g. from :func:`nnunetv2_samssl.sam.space.downsample_to_scales`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Tensor = torch.Tensor
+
+__all__ = ["soft_mse_loss", "dice_ce_loss", "uncertainty_weighted_mse_loss", "SamPseudoLabelLoss",
+           "SAM_LOSS_FORMS"]
+
+SAM_LOSS_FORMS = ("soft_mse", "dice_ce", "uncertainty_mse")
+
+
+def _check(student_logits: Tensor, target_probs: Tensor, valid: Optional[Tensor]) -> Tensor:
+    if student_logits.shape != target_probs.shape:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and target_probs "
+                         f"{tuple(target_probs.shape)} must both be (B, K, *spatial)")
+    spatial_shape = (student_logits.shape[0], *student_logits.shape[2:])
+    if valid is None:
+        return torch.ones(spatial_shape, dtype=torch.bool, device=student_logits.device)
+    if tuple(valid.shape) != spatial_shape:
+        raise ValueError(f"valid must be (B, *spatial) = {spatial_shape}, got {tuple(valid.shape)}")
+    return valid.bool()
+
+
+def _masked_mean(values: Tensor, valid: Tensor) -> Tensor:
+    """Mean of ``values (B, *spatial)`` over ``valid`` voxels; a graph-connected zero when none is valid."""
+    weight = valid.to(values.dtype)
+    return (values * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def _squared_softmax_difference(student_logits: Tensor, target_probs: Tensor) -> Tensor:
+    """``(B, *spatial)`` mean over classes of ``(softmax(student) - target)^2``."""
+    probs = torch.softmax(student_logits.float(), 1)
+    return (probs - target_probs.detach().float()).pow(2).mean(1)
+
+
+def soft_mse_loss(student_logits: Tensor, target_probs: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+    """Softmax MSE to the SAM probabilities over valid voxels (see module docstring). Returns a scalar."""
+    valid = _check(student_logits, target_probs, valid)
+    return _masked_mean(_squared_softmax_difference(student_logits, target_probs), valid)
+
+
+def dice_ce_loss(student_logits: Tensor, target_probs: Tensor, valid: Optional[Tensor] = None, *,
+                 weight_ce: float = 1.0, weight_dice: float = 1.0, batch_dice: bool = True,
+                 include_background: bool = False, smooth: float = 1e-5) -> Tensor:
+    """Cross-entropy + soft Dice against the hard pseudo-label ``argmax(target_probs)`` over valid voxels.
+
+    Args:
+        batch_dice: pool Dice statistics over the batch (nnU-Net's ``batch_dice``) or per sample.
+        include_background: include class 0 in the Dice average (nnU-Net excludes it).
+        smooth: added to numerator and denominator of every Dice term.
+    Returns:
+        ``weight_ce * CE + weight_dice * (1 - mean Dice)``, a scalar.
+    """
+    valid = _check(student_logits, target_probs, valid)
+    logits = student_logits.float()
+    num_classes = logits.shape[1]
+    hard = target_probs.detach().argmax(1)
+    ce = _masked_mean(F.cross_entropy(logits, hard, reduction="none"), valid)
+
+    probs = torch.softmax(logits, 1)
+    one_hot = F.one_hot(hard, num_classes).movedim(-1, 1).to(probs.dtype)
+    mask = valid.unsqueeze(1).to(probs.dtype)
+    axes = (0, *range(2, logits.dim())) if batch_dice else tuple(range(2, logits.dim()))
+    intersection = (probs * one_hot * mask).sum(axes)
+    denominator = ((probs + one_hot) * mask).sum(axes)
+    dice = (2.0 * intersection + smooth) / (denominator + smooth).clamp_min(1e-8)
+    if not include_background and num_classes > 1:
+        dice = dice[..., 1:]
+    dice_loss = 1.0 - dice.mean()
+    dice_loss = dice_loss * valid.any().to(dice_loss.dtype)  # no valid voxel: no Dice term (no host sync)
+    return weight_ce * ce + weight_dice * dice_loss
+
+
+def uncertainty_weighted_mse_loss(student_logits: Tensor, target_probs: Tensor, uncertainty: Tensor,
+                                  valid: Optional[Tensor] = None, eps: float = 1e-8) -> Tensor:
+    """SemiSAM+'s ``mean(d * U) / (mean(U) + eps) + mean(U)`` over valid voxels (see module docstring).
+
+    Args:
+        uncertainty: ``(B, *spatial)`` non-negative ``unc`` map (detached; negative values are clamped to 0).
+    Returns:
+        a scalar.
+    """
+    valid = _check(student_logits, target_probs, valid)
+    if tuple(uncertainty.shape) != tuple(valid.shape):
+        raise ValueError(f"uncertainty must be (B, *spatial) = {tuple(valid.shape)}, got {tuple(uncertainty.shape)}")
+    u = uncertainty.detach().float().clamp_min(0.0)
+    d = _squared_softmax_difference(student_logits, target_probs)
+    mean_u = _masked_mean(u, valid)
+    return _masked_mean(d * u, valid) / (mean_u + eps) + mean_u
+
+
+MaybeList = Union[Tensor, Sequence[Tensor], None]
+
+
+class SamPseudoLabelLoss(nn.Module):
+    """The SAM pseudo-label loss of a trainer, one of :data:`SAM_LOSS_FORMS`, with optional deep supervision.
+
+    Args:
+        form: ``"soft_mse"``, ``"dice_ce"`` or ``"uncertainty_mse"``.
+        deep_supervision_weights: per-scale weights (normalised to sum 1) used when lists are passed;
+            ``None`` uses the first (full-resolution) entry only.
+        **form_kwargs: passed to the loss function (e.g. ``batch_dice`` for ``dice_ce``, ``eps``).
+    """
+
+    def __init__(self, form: str = "soft_mse", deep_supervision_weights: Optional[Sequence[float]] = None,
+                 **form_kwargs):
+        super().__init__()
+        if form not in SAM_LOSS_FORMS:
+            raise ValueError(f"SAM loss form must be one of {SAM_LOSS_FORMS}, got {form!r}")
+        self.form = form
+        self.deep_supervision_weights = None if deep_supervision_weights is None else \
+            [float(w) for w in deep_supervision_weights]
+        self.form_kwargs = form_kwargs
+
+    def _single(self, logits: Tensor, target: Tensor, valid: Optional[Tensor], uncertainty: Optional[Tensor]):
+        if self.form == "soft_mse":
+            return soft_mse_loss(logits, target, valid, **self.form_kwargs)
+        if self.form == "dice_ce":
+            return dice_ce_loss(logits, target, valid, **self.form_kwargs)
+        if uncertainty is None:
+            raise ValueError("form='uncertainty_mse' needs the uncertainty map (SamPseudoLabel.uncertainty from "
+                             "the 'unc' prompt mode)")
+        return uncertainty_weighted_mse_loss(logits, target, uncertainty, valid, **self.form_kwargs)
+
+    def forward(self, student_logits: MaybeList, target_probs: MaybeList, valid: MaybeList = None,
+                uncertainty: MaybeList = None) -> Tensor:
+        """Args: tensors as in the module docstring, or equally long lists of them (deep supervision)."""
+        if torch.is_tensor(student_logits):
+            return self._single(student_logits, target_probs, valid, uncertainty)
+        n = len(student_logits)
+
+        def at(x, i):
+            return None if x is None else x[i]
+
+        if self.deep_supervision_weights is None:
+            return self._single(student_logits[0], target_probs[0], at(valid, 0), at(uncertainty, 0))
+        if len(self.deep_supervision_weights) < n:
+            raise ValueError(f"{n} deep-supervision outputs but only {len(self.deep_supervision_weights)} weights")
+        weights = self.deep_supervision_weights[:n]
+        total = sum(weights)
+        terms = [w / total * self._single(student_logits[i], target_probs[i], at(valid, i), at(uncertainty, i))
+                 for i, w in enumerate(weights) if w != 0]
+        return torch.stack(terms).sum()

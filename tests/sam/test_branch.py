@@ -1,0 +1,334 @@
+"""SamPseudoLabeler with a small fake promptable model (no real SAM anywhere)."""
+import inspect
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunetv2_samssl.sam.branch import SamPseudoLabeler, combine_class_probabilities
+from nnunetv2_samssl.sam.interface import InputSpace, PromptableModel
+
+SPACE_3D = InputSpace(ndim=3, size=(32, 32, 32), spacing_mm=(1.5, 1.5, 1.5), in_channels=1,
+                      low_res_size=(16, 16, 16), prompt_kinds=frozenset({"points", "masks"}))
+SPACE_2D = InputSpace(ndim=2, size=(64, 64), spacing_mm=None, in_channels=1, low_res_size=(32, 32),
+                      prompt_kinds=frozenset({"points", "boxes", "masks"}))
+SPACE_2D_BOXES = InputSpace(ndim=2, size=(64, 64), spacing_mm=None, in_channels=1, low_res_size=(32, 32),
+                            prompt_kinds=frozenset({"boxes"}))
+
+
+class FakeSam(PromptableModel):
+    """Segments bright voxels (image > 0.5) near its prompts: within ``radius`` model voxels of a positive
+    point and not within ``radius`` of a negative one, inside a box, or where a mask-only prompt is positive.
+    Decides at the model input resolution and area-pools to the low-res grid (soft partial-volume logits).
+    Records every encode / decode call."""
+
+    def __init__(self, input_space: InputSpace, radius: float = 40.0):
+        super().__init__()
+        self.input_space = input_space
+        self.radius = radius
+        self.gain = nn.Parameter(torch.ones(()))
+        self.encoded = []
+        self.calls = []
+        self.outputs = []
+
+    def normalize(self, images):
+        return images.mean(1, keepdim=True) * self.gain
+
+    def encode(self, images):
+        self.encoded.append(images.shape[0])
+        return images  # the "embedding" is the image itself, on the model input grid
+
+    def decode(self, embeddings, points=None, point_labels=None, boxes=None, mask_logits=None):
+        self.calls.append(dict(points=None if points is None else points.clone(),
+                               labels=None if point_labels is None else point_labels.clone(),
+                               boxes=None if boxes is None else boxes.clone(),
+                               mask=None if mask_logits is None else mask_logits.clone()))
+        q, d, size = embeddings.shape[0], self.input_space.ndim, self.input_space.size
+        centres = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in size],
+                                             indexing="ij"), -1).unsqueeze(0)  # (1, *size, d)
+        view = (q,) + (1,) * d
+        region = torch.zeros((q, *size), dtype=torch.bool)
+        if points is not None:
+            carved = torch.zeros_like(region)
+            for n in range(points.shape[1]):  # a test double: a loop over the few points is fine
+                near = ((centres - points[:, n].view(q, *([1] * d), d)) ** 2).sum(-1) <= self.radius ** 2
+                region |= near & (point_labels[:, n] == 1).view(view)
+                carved |= near & (point_labels[:, n] == 0).view(view)
+            region &= ~carved
+        if boxes is not None:
+            region |= ((centres >= boxes[:, :d].view(q, *([1] * d), d))
+                       & (centres <= boxes[:, d:].view(q, *([1] * d), d))).all(-1)
+        if mask_logits is not None and points is None and boxes is None:
+            region = self.upscale(mask_logits)[:, 0] > 0
+        segmented = (region & (embeddings[:, 0] > 0.5)).float().unsqueeze(1)
+        pool = F.adaptive_avg_pool3d if d == 3 else F.adaptive_avg_pool2d
+        logits = 2.0 * torch.logit(pool(segmented, self.input_space.low_res_size).clamp(0.01, 0.99))
+        self.outputs.append(logits.clone())
+        return logits, torch.ones(q, 1)
+
+
+SAM_INSIDE = float(torch.sigmoid(2.0 * torch.logit(torch.tensor(0.99))))  # the fake's probability on the object
+
+
+def ball(shape, centre, radius):
+    grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij")
+    return sum((g - c) ** 2 for g, c in zip(grids, centre)) <= radius ** 2
+
+
+def ellipsoid(shape, centre, radii):
+    grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij")
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii)) <= 1.0
+
+
+def dice(a, b):
+    return float(2 * (a & b).sum() / (a.sum() + b.sum()))
+
+
+def two_class_probs(foreground_prob):
+    return torch.stack([1 - foreground_prob, foreground_prob], 1)
+
+
+PATCH = (16, 40, 40)
+SPACING = (3.0, 2.0, 2.0)  # 48 x 80 x 80 mm: one 32^3 window at 1.5 mm
+OBJECT = ball(PATCH, (8, 20, 20), 7)  # in voxel units, with the (2, 1, 1) spacing it is an ellipsoid
+
+
+def scene(batch=2):
+    """Sample 0 has a bright object the student predicts with confidence; sample 1 has none predicted."""
+    images = torch.zeros(batch, 1, *PATCH)
+    images[:, 0][:, OBJECT] = 1.0
+    fg = torch.full((batch, *PATCH), 0.02)
+    fg[0][OBJECT] = 0.95
+    return images, two_class_probs(fg)
+
+
+# ---------------------------------------------------------------------------------------------------- point mode
+def test_point_mode_click_loop_shapes_and_validity():
+    model = FakeSam(SPACE_3D, radius=3.0)  # small radius: SAM misses most of the object -> positive clicks
+    labeler = SamPseudoLabeler(model, mode="point", num_clicks=4)
+    images, probs = scene()
+    out = labeler(images, probs, patch_spacing=SPACING, generator=torch.Generator().manual_seed(0))
+    assert out.probabilities.shape == (2, 2, *PATCH) and out.valid.shape == (2, *PATCH)
+    assert torch.allclose(out.probabilities.sum(1), torch.ones(2, *PATCH), atol=1e-5)
+    assert bool(out.valid[0][OBJECT].all()) and not bool(out.valid[1].any())
+    assert torch.equal(out.probabilities[1], probs[1])  # nothing predicted: no SAM opinion, source copied
+    assert out.uncertainty is None
+    assert out.stats["num_queries"] == 1 and out.stats["num_decoder_calls"] == 4
+    assert model.encoded == [1]  # the encoder ran once
+    # exactly one new point per step, earlier points kept, previous low-res logits fed back
+    assert [c["points"].shape[1] for c in model.calls] == [1, 2, 3, 4]
+    for step in range(1, 4):
+        previous, current = model.calls[step - 1], model.calls[step]
+        assert torch.equal(current["points"][:, :-1], previous["points"])
+        assert torch.equal(current["labels"][:, :-1], previous["labels"])
+        assert torch.equal(current["mask"], model.outputs[step - 1])
+    assert model.calls[0]["mask"] is None
+    assert model.calls[1]["labels"][0, -1].item() == 1  # SAM missed predicted foreground -> positive click
+    # every click, mapped back through the crop geometry, lies on the object the student predicted
+    points = model.calls[-1]["points"]
+    assert points.shape == (1, 4, 3) and bool((model.calls[-1]["labels"] == 1).all())
+    crop = labeler.mapper(SPACING).to_model(images, (probs.argmax(1) > 0).unsqueeze(1), keep_empty=False)
+    in_patch = crop.points_to_patch(points).round().long()[0]
+    assert bool(OBJECT[tuple(in_patch.unbind(-1))].all())
+
+
+def test_clicks_stop_adding_information_when_sam_agrees():
+    model = FakeSam(SPACE_3D, radius=40.0)  # SAM gets the whole bright object from the first click
+    labeler = SamPseudoLabeler(model, mode="point", num_clicks=3)
+    images, probs = scene(1)
+    out = labeler(images, probs, patch_spacing=SPACING, generator=torch.Generator().manual_seed(0))
+    assert [c["labels"][0].tolist() for c in model.calls] == [[1], [1, -1], [1, -1, -1]]
+    assert dice(out.hard_label[0] == 1, OBJECT) > 0.97
+
+
+def test_sam_recovers_what_an_uncertain_student_misses():
+    images, _ = scene(1)
+    fg = torch.full((1, *PATCH), 0.02)
+    cap = OBJECT.clone()
+    cap[:8] = False  # the student is confident only about half the object ...
+    fg[0][OBJECT] = 0.4  # ... and unsure (predicts background) about the rest
+    fg[0][cap] = 0.95
+    probs = two_class_probs(fg)
+    model = FakeSam(SPACE_3D, radius=40.0)
+    out = SamPseudoLabeler(model, mode="point", num_clicks=3)(images, probs, patch_spacing=SPACING,
+                                                              generator=torch.Generator().manual_seed(0))
+    student_dice = dice(probs.argmax(1)[0] == 1, OBJECT)
+    sam_dice = dice(out.hard_label[0] == 1, OBJECT)
+    assert student_dice < 0.75 and sam_dice > 0.95
+    # the uncertain half is never clicked negative
+    assert all((c["labels"] != 0).all() for c in model.calls)
+
+
+def test_deterministic_with_generator():
+    images, probs = scene()
+    runs = []
+    for _ in range(2):
+        labeler = SamPseudoLabeler(FakeSam(SPACE_3D, radius=3.0), mode="point", num_clicks=3, num_negative=2)
+        runs.append(labeler(images, probs, patch_spacing=SPACING, generator=torch.Generator().manual_seed(4)))
+    assert torch.equal(runs[0].probabilities, runs[1].probabilities)
+
+
+# ---------------------------------------------------------------------------------------------------- mask mode
+def test_mask_mode_single_decoder_pass_with_prediction_as_mask_prompt():
+    model = FakeSam(SPACE_3D)
+    labeler = SamPseudoLabeler(model, mode="mask", num_clicks=5, mask_prompt_eps=1e-4)
+    images, probs = scene()
+    out = labeler(images, probs, patch_spacing=SPACING)
+    assert len(model.calls) == 1 and out.stats["num_decoder_calls"] == 1
+    call = model.calls[0]
+    assert call["points"] is None and call["boxes"] is None
+    assert call["mask"].shape == (1, 1, 16, 16, 16)
+    bound = math.log((1 - 1e-4) / 1e-4)
+    assert float(call["mask"].abs().max()) <= bound + 1e-3
+    assert float(call["mask"].max()) > 2.0 and float(call["mask"].min()) < -2.0  # confident both ways
+    # the fake returns the bright part of the mask prompt: the pseudo-label reproduces the prediction
+    assert dice(out.hard_label[0] == 1, OBJECT) > 0.95
+
+
+# ---------------------------------------------------------------------------------------------------- unc mode
+def test_unc_mode_uncertainty_map():
+    images, _ = scene()
+    fg = torch.full((2, *PATCH), 0.02)
+    fg[0][OBJECT] = 0.95
+    half = OBJECT.clone()
+    half[:, :, :20] = False
+    fg[0][half] = 0.7  # SAM says ~1 there, the student 0.7: some variance
+    probs = two_class_probs(fg)
+    model = FakeSam(SPACE_3D, radius=40.0)
+    out = SamPseudoLabeler(model, mode="unc", num_clicks=3)(images, probs, patch_spacing=SPACING,
+                                                            generator=torch.Generator().manual_seed(0))
+    u = out.uncertainty
+    assert u.shape == (2, *PATCH) and float(u.min()) >= 0.0 and float(u.max()) <= 0.25
+    assert float(u[~out.valid].abs().max()) == 0.0
+    expected = torch.tensor([0.7, SAM_INSIDE, SAM_INSIDE, SAM_INSIDE]).var(correction=0)  # student + 3 clicks
+    assert abs(float(u[0, 8, 20, 24]) - float(expected)) < 0.1 * float(expected)
+    confident = torch.tensor([0.95, SAM_INSIDE, SAM_INSIDE, SAM_INSIDE]).var(correction=0)
+    assert abs(float(u[0, 8, 20, 16]) - float(confident)) < 0.1 * float(confident)
+    assert float(u[0, 8, 20, 24]) > 3 * float(u[0, 8, 20, 16])
+    assert len(model.calls) == 3
+
+
+# ---------------------------------------------------------------------------------------------------- multi-class
+def test_multi_class_queries_and_combination():
+    shape = (16, 48, 48)  # at (3, 1.5, 1.5) mm both objects are 9 mm spheres (6 model voxels)
+    first = ellipsoid(shape, (8, 14, 14), (3, 6, 6))
+    second = ellipsoid(shape, (8, 28, 27), (3, 6, 6))
+    images = torch.zeros(1, 1, *shape)
+    images[0, 0][first | second] = 1.0
+    probs = torch.full((1, 3, *shape), 0.02)
+    probs[:, 0] = 0.96
+    probs[0, :, first] = torch.tensor([0.03, 0.95, 0.02]).view(3, 1)
+    probs[0, :, second] = torch.tensor([0.03, 0.02, 0.95]).view(3, 1)
+    for roi, crops in (("union", 1), ("per_class", 2)):
+        model = FakeSam(SPACE_3D, radius=9.0)
+        labeler = SamPseudoLabeler(model, mode="point", num_clicks=2, roi=roi, positive_selection="interior")
+        out = labeler(images, probs, patch_spacing=(3.0, 1.5, 1.5), generator=torch.Generator().manual_seed(0))
+        assert out.stats["num_crops"] == crops and out.stats["num_queries"] == 2
+        assert model.encoded == [crops]
+        assert model.calls[0]["points"].shape[0] == 2  # both classes decoded in one batched call
+        assert dice(out.hard_label[0] == 1, first) > 0.9 and dice(out.hard_label[0] == 2, second) > 0.9
+        assert torch.allclose(out.probabilities.sum(1), torch.ones(1, *shape), atol=1e-5)
+
+
+def test_overlapping_classes_are_resolved_by_max_then_shared():
+    q = torch.tensor([[0.9, 0.9], [0.2, 0.6], [0.0, 0.0], [1.0, 0.0]]).T.reshape(1, 2, 4)
+    p = combine_class_probabilities(q)[0].T
+    expected = torch.tensor([[0.1, 0.45, 0.45], [0.4, 0.15, 0.45], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    assert torch.allclose(p, expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- other inputs
+def test_tiles_share_one_encoder_call():
+    shape = (24, 96, 96)  # 32 x 64 x 64 model voxels at 1.5 mm: several 32^3 tiles
+    obj = ball(shape, (12, 48, 48), 40) & ball(shape, (12, 48, 48), 100)
+    obj[:2] = obj[-2:] = False
+    images = obj.float()[None, None]
+    probs = two_class_probs(torch.where(obj, 0.95, 0.02)[None])
+    model = FakeSam(SPACE_3D, radius=60.0)
+    out = SamPseudoLabeler(model, mode="point", num_clicks=2)(images, probs, patch_spacing=(2.0, 1.0, 1.0),
+                                                              generator=torch.Generator().manual_seed(0))
+    assert out.stats["num_crops"] > 1 and model.encoded == [int(out.stats["num_crops"])]
+    assert bool(out.valid[0][obj].all())
+    assert dice(out.hard_label[0] == 1, obj) > 0.97
+
+
+def test_box_only_model_gets_a_box_from_confident_foreground():
+    shape = (64, 64)
+    obj = ball(shape, (30, 26), 12)
+    images = obj.float()[None, None]
+    fg = torch.where(obj, 0.95, 0.02)
+    fg[ball(shape, (30, 40), 4) & ~obj] = 0.55  # an uncertain bump the box should not stretch to
+    probs = two_class_probs(fg[None])
+    model = FakeSam(SPACE_2D_BOXES)
+    out = SamPseudoLabeler(model, mode="point", num_clicks=5, box_margin=2)(images, probs, patch_spacing=(1.0, 1.0))
+    assert len(model.calls) == 1
+    call = model.calls[0]
+    assert call["points"] is None and call["mask"] is None and call["boxes"].shape == (1, 4)
+    assert dice(out.hard_label[0] == 1, obj) > 0.95
+    with pytest.warns(UserWarning, match="no mask prompts"):
+        SamPseudoLabeler(FakeSam(SPACE_2D_BOXES), mode="mask")
+
+
+def test_slice_wise_2d_model_on_3d_patches():
+    shape = (10, 40, 40)
+    obj = ball(shape, (4.5, 20, 20), 3.5) | ball(shape, (4.5, 20, 20), 0)
+    images = obj.float()[None, None]
+    probs = two_class_probs(torch.where(obj, 0.95, 0.02)[None])
+    model = FakeSam(SPACE_2D, radius=100.0)
+    out = SamPseudoLabeler(model, mode="point", num_clicks=2)(images, probs, patch_spacing=(3.0, 1.0, 1.0),
+                                                              generator=torch.Generator().manual_seed(0))
+    slices = obj.flatten(1).any(1)
+    assert out.stats["num_crops"] == int(slices.sum()) and model.encoded == [int(slices.sum())]
+    assert torch.equal(out.valid[0].flatten(1).any(1), slices)
+    assert dice(out.hard_label[0] == 1, obj) > 0.95
+
+
+def test_outputs_detached_model_frozen_and_label_free_api():
+    images, probs = scene()
+    probs = probs.clone().requires_grad_(True)
+    model = FakeSam(SPACE_3D)
+    labeler = SamPseudoLabeler(model, mode="unc", num_clicks=2)
+    out = labeler(images, probs, probs.detach() * 0.9 + 0.05, patch_spacing=SPACING)
+    assert not out.probabilities.requires_grad and not out.uncertainty.requires_grad
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    names = {n.lower() for n in inspect.signature(SamPseudoLabeler.__call__).parameters}
+    assert not names & {"label", "labels", "target", "gt", "seg", "ground_truth"}
+
+
+def test_deep_supervision_scales_of_the_pseudo_label():
+    images, probs = scene()
+    out = SamPseudoLabeler(FakeSam(SPACE_3D), mode="mask")(images, probs, patch_spacing=SPACING)
+    levels = out.at_scales([[1, 1, 1], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]])
+    assert [tuple(v.shape) for v, _ in levels] == [(2, 2, 16, 40, 40), (2, 2, 8, 20, 20), (2, 2, 4, 10, 10)]
+    assert [tuple(m.shape) for _, m in levels] == [(2, 16, 40, 40), (2, 8, 20, 20), (2, 4, 10, 10)]
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="mode"):
+        SamPseudoLabeler(FakeSam(SPACE_3D), mode="boxes")
+    points_only = InputSpace(3, (32, 32, 32), (1.5, 1.5, 1.5), 1, (16, 16, 16), frozenset({"points"}))
+    with pytest.raises(ValueError, match="masks"):
+        SamPseudoLabeler(FakeSam(points_only), mode="mask")
+    images, probs = scene()
+    with pytest.raises(ValueError, match="teacher_probs"):
+        SamPseudoLabeler(FakeSam(SPACE_3D), prompt_source="teacher")(images, probs, patch_spacing=SPACING)
+    with pytest.raises(ValueError, match="K>=2"):
+        SamPseudoLabeler(FakeSam(SPACE_3D))(images, probs[:, 1:], patch_spacing=SPACING)
+
+
+def test_explicit_box_prompts_on_a_model_that_accepts_everything():
+    shape = (64, 64)
+    obj = ball(shape, (30, 26), 12)
+    images = obj.float()[None, None]
+    probs = two_class_probs(torch.where(obj, 0.95, 0.02)[None])
+    model = FakeSam(SPACE_2D)  # points, boxes and masks, like the LiteMedSAM backend
+    SamPseudoLabeler(model, mode="point", prompt_kind="boxes", num_clicks=4)(images, probs, patch_spacing=(1.0, 1.0))
+    assert len(model.calls) == 1 and model.calls[0]["points"] is None and model.calls[0]["boxes"] is not None
+    model = FakeSam(SPACE_2D)
+    out = SamPseudoLabeler(model, mode="mask", prompt_kind="boxes")(images, probs, patch_spacing=(1.0, 1.0))
+    call = model.calls[0]
+    assert len(model.calls) == 1 and call["points"] is None
+    assert call["boxes"].shape == (1, 4) and call["mask"].shape == (1, 1, 32, 32)
+    assert dice(out.hard_label[0] == 1, obj) > 0.95
