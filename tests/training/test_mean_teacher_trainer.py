@@ -19,7 +19,7 @@ def _grads(trainer, batch, x_u, weight):
     trainer.optimizer.step = lambda *a, **k: None  # keep the weights, look at the gradients
     trainer.after_optimizer_step = lambda: None  # keep the teacher fixed too
     trainer.consistency_weight = lambda: weight
-    trainer.next_unlabeled_images = lambda: x_u
+    trainer.next_unlabeled_batch = lambda: (x_u, None)
     seed_everything(5)  # same teacher noise in every call
     trainer.train_step(batch)
     return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in trainer.network.parameters()]
@@ -36,7 +36,7 @@ def test_unlabeled_loss_really_changes_the_student_gradient(nnunet_env, monkeypa
         for p in trainer.teacher.module.parameters():
             p.add_(0.05 * torch.randn_like(p))
     batch = next(trainer.dataloader_train)
-    x_u = trainer.next_unlabeled_images()
+    x_u, _ = trainer.next_unlabeled_batch()
     g0 = _grads(trainer, batch, x_u, 0.0)
     g1 = _grads(trainer, batch, x_u, 1.0)
     g2 = _grads(trainer, batch, x_u, 2.0)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Creates (once) and prints the path of a virtual environment with torch, nnU-Net and this package
+# installed in editable mode. Cached outside the checkout, keyed by the requirements, so a second call
+# takes seconds. Override the location with SAMSSL_VENV=/path.
+#
+# torch and torchvision must be a matching pair: nnU-Net's trainer lookup imports timm -> torchvision.
+# torch 2.14.1 + torchvision 0.29.1 (CUDA builds, they also run on CPU) is such a pair.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+key="$(cat "$repo/scripts/requirements.txt" "$repo/scripts/setup_env.sh" | sha256sum | cut -c1-12)"
+venv="${SAMSSL_VENV:-$HOME/.cache/nnunetv2-samssl/venv-$key}"
+python="${PYTHON:-python3}"
+
+if [ ! -f "$venv/.complete" ]; then
+    echo "Creating the environment in $venv (once; a few minutes)..." >&2
+    rm -rf "$venv"
+    "$python" -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --upgrade pip >&2
+    "$venv/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1 >&2
+    "$venv/bin/python" -m pip install -q -r "$repo/scripts/requirements.txt" >&2
+    touch "$venv/.complete"
+fi
+# this checkout, editable (no dependency changes): cheap, and always the code at hand
+"$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$repo" >&2
+echo "$venv"
