@@ -163,6 +163,9 @@ SEMISAM_OPTIONS = (
     Option("sam_prompt_source", (str,), "Probabilities the prompts come from.", choices=("student", "teacher", "mean")),
     Option("sam_prompt_kind", (str,), "auto: points (boxes for litemedsam, which was trained with boxes).",
            choices=("auto", "points", "boxes")),
+    Option("sam_max_crops", (int,), "Encode at most this many model-space crops per SAM call (random subset; "
+           "null = all). Bounds the encoder cost: slices in slice-wise mode, tiles of large objects.",
+           nullable=True, minimum=1),
     Option("sam_slice_axis", (int,), "Axis of the slices when a 2D backend serves a 3D configuration.", minimum=0,
            maximum=2),
     Option("sam_loss", (str,), "SAM pseudo-label loss: soft_mse (SemiSAM), dice_ce (hard pseudo-label) or "

@@ -128,6 +128,9 @@ class SamPseudoLabeler:
             and the prediction is not an error worth a click.
         autocast_bf16: run the promptable model under bf16 autocast on CUDA.
         encoder_batch_size: encode crops in chunks of this size (``None``: all at once).
+        max_crops: encode at most this many crops per call (a random subset, drawn with the call's generator;
+            ``None``: all). Bounds the encoder cost, which dominates, e.g. slices in slice-wise mode; voxels of
+            the crops left out are simply not covered (invalid) in this call.
     """
 
     def __init__(self, model: PromptableModel, mode: str = "point", *, num_clicks: int = 10, num_positive: int = 1,
@@ -137,7 +140,7 @@ class SamPseudoLabeler:
                  max_zoom: Optional[float] = None, prompt_kind: str = "auto", box_margin: int = 4,
                  mask_prompt_eps: float = 1e-4, max_click_depth: int = 8, min_click_depth: int = 2,
                  autocast_bf16: bool = True,
-                 encoder_batch_size: Optional[int] = None):
+                 encoder_batch_size: Optional[int] = None, max_crops: Optional[int] = None):
         if mode not in PROMPT_MODES:
             raise ValueError(f"mode must be one of {PROMPT_MODES}, got {mode!r}")
         if num_clicks < 1:
@@ -192,6 +195,9 @@ class SamPseudoLabeler:
         self.min_click_depth = min_click_depth
         self.autocast_bf16 = autocast_bf16
         self.encoder_batch_size = encoder_batch_size
+        if max_crops is not None and max_crops < 1:
+            raise ValueError(f"max_crops must be >= 1 or None, got {max_crops}")
+        self.max_crops = max_crops
         self._mappers: Dict[Tuple[float, ...], SamSpaceMapper] = {}
         self._decoder_calls = 0
 
@@ -288,6 +294,10 @@ class SamPseudoLabeler:
         crops = mapper.to_model(images.detach().float(), roi, keep_empty=False)
         if crops.num_queries == 0:
             return self._empty(source, 0)
+        if self.max_crops is not None and crops.num_queries > self.max_crops:
+            device = generator.device if generator is not None else source.device
+            subset = torch.randperm(crops.num_queries, generator=generator, device=device)[:self.max_crops]
+            crops = crops.select(subset.sort().values.to(source.device))
         if self.roi == "union":
             present = foreground.flatten(2).any(2)  # (B, K-1)
             crop_of_query, channel = present[crops.sample_index].nonzero(as_tuple=True)

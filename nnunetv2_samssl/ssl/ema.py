@@ -33,6 +33,11 @@ class EMATeacher:
         self.module = copy.deepcopy(unwrap(student))
         self.module.requires_grad_(False)
         self.module.eval()
+        self._forward = self.module
+
+    def compile(self) -> None:
+        """Run the teacher's forward through ``torch.compile`` (weights stay shared with :attr:`module`)."""
+        self._forward = torch.compile(self.module)
 
     def decay_at(self, step: int) -> float:
         return min(1.0 - 1.0 / (step + 1.0), self.max_decay)
@@ -57,7 +62,7 @@ class EMATeacher:
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor):
-        return self.module(x)
+        return self._forward(x)
 
     __call__ = forward
 

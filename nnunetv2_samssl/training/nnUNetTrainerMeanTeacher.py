@@ -42,6 +42,8 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
     def initialize(self):
         super().initialize()
         self.teacher = EMATeacher(self.network, self.ssl_config["ema_decay"])
+        if self._do_i_compile():
+            self.teacher.compile()
         self.consistency_fn = CONSISTENCY_LOSSES[self.ssl_config["consistency_loss"]]
 
     # ------------------------------------------------------------------ schedule

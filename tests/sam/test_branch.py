@@ -332,3 +332,37 @@ def test_explicit_box_prompts_on_a_model_that_accepts_everything():
     assert len(model.calls) == 1 and call["points"] is None
     assert call["boxes"].shape == (1, 4) and call["mask"].shape == (1, 1, 32, 32)
     assert dice(out.hard_label[0] == 1, obj) > 0.95
+
+
+def test_max_crops_caps_the_encoder_batch():
+    """Slice-wise mode with a cap: at most ``max_crops`` slices are encoded, the rest stay invalid."""
+    from nnunetv2_samssl.sam.branch import SamPseudoLabeler
+    from nnunetv2_samssl.sam.interface import InputSpace, PromptableModel
+
+    class Counting(PromptableModel):
+        input_space = InputSpace(2, (16, 16), None, 1, (16, 16), frozenset({"points", "boxes", "masks"}))
+
+        def __init__(self):
+            super().__init__()
+            self.encoded = 0
+
+        def normalize(self, images):
+            return images[:, :1]
+
+        def encode(self, images):
+            self.encoded += images.shape[0]
+            return images
+
+        def decode(self, embeddings, points=None, point_labels=None, boxes=None, mask_logits=None):
+            return torch.zeros(embeddings.shape[0], 1, 16, 16), torch.zeros(embeddings.shape[0], 1)
+
+    model = Counting()
+    probs = torch.zeros(1, 2, 10, 16, 16)
+    probs[:, 1, :, 4:12, 4:12] = 1.0
+    probs[:, 0] = 1 - probs[:, 1]
+    labeler = SamPseudoLabeler(model, "point", num_clicks=1, max_crops=3)
+    out = labeler(torch.randn(1, 1, 10, 16, 16), probs, patch_spacing=(2.0, 1.0, 1.0),
+                  generator=torch.Generator().manual_seed(0))
+    assert model.encoded == 3 and out.stats["num_crops"] == 3
+    covered_slices = out.valid[0].flatten(1).any(1)
+    assert int(covered_slices.sum()) == 3
