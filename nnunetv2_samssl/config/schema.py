@@ -166,6 +166,10 @@ SEMISAM_OPTIONS = (
     Option("sam_max_crops", (int,), "Encode at most this many model-space crops per SAM call (random subset; "
            "null = all). Bounds the encoder cost: slices in slice-wise mode, tiles of large objects.",
            nullable=True, minimum=1),
+    Option("sam_roi_margin", (float,), "Context around the predicted object in the model window, as a fraction "
+           "of the window per side (null = 0.05 for SAM-Med3D's fixed-spacing window, 0.3 for 2D models, which "
+           "resize the region to their input).", nullable=True, minimum=0.0, maximum=0.49),
+    Option("sam_box_margin", (int,), "Model-grid voxels added around box prompts (2D models).", minimum=0),
     Option("sam_slice_axis", (int,), "Axis of the slices when a 2D backend serves a 3D configuration.", minimum=0,
            maximum=2),
     Option("sam_loss", (str,), "SAM pseudo-label loss: soft_mse (SemiSAM), dice_ce (hard pseudo-label) or "

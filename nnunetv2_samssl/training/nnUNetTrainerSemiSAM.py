@@ -57,6 +57,9 @@ class nnUNetTrainerSemiSAM(nnUNetTrainerMeanTeacher):
             backend_kwargs["allow_pickle"] = cfg["sam_checkpoint_allow_pickle"]
         self.sam_model = build_promptable_model(cfg["sam_backend"], cfg["sam_checkpoint"], self.device,
                                                 **backend_kwargs)
+        roi_margin = cfg["sam_roi_margin"]
+        if roi_margin is None:
+            roi_margin = 0.05 if self.sam_model.input_space.spacing_mm is not None else 0.3
         prompt_kind = cfg["sam_prompt_kind"]
         if prompt_kind == "auto" and cfg["sam_backend"] == "litemedsam":
             prompt_kind = "boxes"
@@ -65,7 +68,8 @@ class nnUNetTrainerSemiSAM(nnUNetTrainerMeanTeacher):
             num_positive=cfg["sam_num_positive"], num_negative=cfg["sam_num_negative"],
             uncertainty_threshold=cfg["sam_uncertainty_threshold"],
             uncertainty_measure=cfg["sam_uncertainty_measure"], prompt_source=cfg["sam_prompt_source"],
-            prompt_kind=prompt_kind, slice_axis=cfg["sam_slice_axis"], max_crops=cfg["sam_max_crops"])
+            prompt_kind=prompt_kind, slice_axis=cfg["sam_slice_axis"], max_crops=cfg["sam_max_crops"],
+            roi_margin=roi_margin, box_margin=cfg["sam_box_margin"])
         scale_weights = self.deep_supervision_weights() if cfg["sam_loss_scales"] == "all" else None
         self.sam_loss = SamPseudoLabelLoss(cfg["sam_loss"], scale_weights)
         self.sam_generator = torch.Generator(device=self.device).manual_seed(12345 + self.local_rank)
