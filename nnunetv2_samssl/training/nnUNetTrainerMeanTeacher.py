@@ -5,7 +5,7 @@ unlabeled stream and checkpoints (``training.ssl_trainer``). Settings: ``trainer
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import autocast

@@ -11,7 +11,6 @@ A concrete trainer sets ``config_schema`` / ``default_config`` / ``log_panels``,
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np

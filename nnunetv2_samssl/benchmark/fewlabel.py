@@ -1,0 +1,678 @@
+"""The few-label protocol (``nnUNetv2_samssl_fewlabel``): Dice (and HD95) against the number of labeled cases.
+
+For each count N of ``--labeled`` and one fold of the dataset:
+
+- the N labeled cases are chosen ONCE from the fold's training cases with
+  ``data.splits.choose_labeled_subset`` (seeded, nested: the 2 cases contain the 1) and passed to every
+  trainer as an explicit ``labeled_cases`` list, so all trainers of a row see exactly the same labels;
+- ``nnUNetTrainerLabeledSubset`` (plain nnU-Net training) is trained on those N cases only: the
+  supervised baseline;
+- every semi-supervised trainer (``-tr``) is trained on the same N labeled cases with the fold's other
+  training cases as unlabeled data (labeled-subset mode; the ``imagesUnlabeled`` cases are added only
+  with ``--use-unlabeled-folder``);
+- every run is validated by nnU-Net itself (``perform_actual_validation``: sliding-window prediction
+  of the fold's validation cases, ``compute_metrics_on_folder`` -> ``validation/summary.json``), which is
+  disjoint from the training cases of the fold.
+
+All runs share one training schedule (from ``--epochs/--iters/--val-iters``, else from the
+semi-supervised trainers' config, which must then agree), pinned explicitly for every run through
+``nnUNet_samssl_overrides``. Each run is a separate ``nnUNetv2_train`` process (the stock CLI, memory
+freed between runs) with its own ``nnUNet_results`` = ``OUTDIR/runs/<trainer>_N<n>/``, so runs never
+overwrite each other. Re-running the command resumes: a run with ``checkpoint_final.pth`` and
+``validation/summary.json`` is reused, one with only the final checkpoint is validated (``--val``), an
+interrupted one continues (``--c``). A run folder planned with other settings is an error, never
+silently mixed in.
+
+Written to OUTDIR: ``plan.json`` (every run: cases, overrides), ``runs/<run>/run.json`` (plan + attempts),
+``runs/<run>/nnUNetv2_train.log``, and the results ``fewlabel_results.csv``, ``fewlabel_results.md`` and
+``fewlabel_dice.png`` (mean foreground Dice against N, one line per trainer).
+
+HD95 (mm) is computed here from the validation predictions and nnU-Net's ``gt_segmentations``: per case
+and class the larger of the two directed 95th-percentile surface distances (voxel spacing of the
+file), averaged over the cases where both masks are non-empty (cases where only one is empty are
+counted in ``hd95_undefined``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from nnunetv2_samssl.config.schema import CONFIG_ENV, OVERRIDES_ENV, ConfigError, parse_overrides
+
+BASELINE_TRAINER = "nnUNetTrainerLabeledSubset"
+SCHEDULE_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr")
+PINNED_KEYS = ("num_labeled", "labeled_cases", "labeled_subset_seed", "use_unlabeled_folder")
+RUNS_FOLDER = "runs"
+RUN_RECORD = "run.json"
+TRAIN_LOG = "nnUNetv2_train.log"
+PLAN_FILE = "plan.json"
+RESULTS_CSV = "fewlabel_results.csv"
+RESULTS_MD = "fewlabel_results.md"
+RESULTS_PNG = "fewlabel_dice.png"
+CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+# fields of a run that must match for a finished run folder to be reused
+PLANNED_FIELDS = ("trainer", "kind", "num_labeled", "labeled_cases", "unlabeled_cases", "validation_cases",
+                  "dataset", "configuration", "fold", "plans_identifier", "overrides", "config")
+
+
+class ProtocolError(RuntimeError):
+    """The protocol cannot run as asked (bad counts, conflicting settings, a failed or mismatching run)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# planning
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FoldSplit:
+    train: Tuple[str, ...]
+    validation: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the protocol. ``results_dir`` is its ``nnUNet_results``."""
+
+    trainer: str
+    kind: str  # "supervised" (baseline) or "semi-supervised"
+    num_labeled: int
+    labeled_cases: Tuple[str, ...]
+    unlabeled_cases: Tuple[str, ...]  # fold training cases used unlabeled (empty for the baseline)
+    unused_cases: Tuple[str, ...]  # fold training cases the run never sees (the baseline's left-out cases)
+    validation_cases: Tuple[str, ...]
+    uses_unlabeled_folder: bool
+    dataset: str
+    configuration: str
+    fold: int
+    plans_identifier: str
+    overrides: str
+    config: Optional[str]
+    results_dir: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.trainer}_N{self.num_labeled}"
+
+    @property
+    def output_folder(self) -> str:
+        """``fold_X`` folder nnU-Net writes (checkpoints, ``validation/``)."""
+        return os.path.join(self.results_dir, self.dataset,
+                            f"{self.trainer}__{self.plans_identifier}__{self.configuration}", f"fold_{self.fold}")
+
+    @property
+    def summary_file(self) -> str:
+        return os.path.join(self.output_folder, "validation", "summary.json")
+
+    def environment(self, base: Mapping[str, str]) -> Dict[str, str]:
+        """The environment of its ``nnUNetv2_train`` process."""
+        env = {k: v for k, v in base.items() if k not in (CONFIG_ENV, OVERRIDES_ENV)}
+        env["nnUNet_results"] = self.results_dir
+        env[OVERRIDES_ENV] = self.overrides
+        if self.config:
+            env[CONFIG_ENV] = self.config
+        return env
+
+
+@dataclass
+class ProtocolSettings:
+    dataset: str  # name (DatasetXXX_Name) or id
+    configuration: str
+    labeled_counts: Sequence[int]
+    trainers: Sequence[Union[str, type]] = ()  # semi-supervised trainers
+    fold: int = 0
+    plans_identifier: str = "nnUNetPlans"
+    outdir: str = "fewlabel"
+    device: str = "cuda"
+    epochs: Optional[int] = None
+    iters: Optional[int] = None
+    val_iters: Optional[int] = None
+    seed: int = 12345
+    config: Optional[str] = None  # nnUNet_samssl_config of the semi-supervised runs
+    ssl_overrides: str = ""  # extra nnUNet_samssl_overrides of the semi-supervised runs
+    trainer_overrides: Dict[str, str] = field(default_factory=dict)  # ... of one trainer's runs (after those)
+    use_unlabeled_folder: bool = False
+    hd95: bool = True
+
+
+def dataset_name(dataset: Union[str, int]) -> str:
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    return maybe_convert_to_dataset_name(int(dataset) if str(dataset).isdigit() else dataset)
+
+
+def fold_split(dataset: str, configuration: str, fold: int, plans_identifier: str = "nnUNetPlans") -> FoldSplit:
+    """The fold's training and validation cases from ``splits_final.json``.
+
+    A missing file is created exactly as ``nnUNetTrainer.do_split`` creates it (5 folds, seed 12345, over
+    the sorted preprocessed cases), so the trainers read the same split.
+    """
+    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    base = os.path.join(nnUNet_preprocessed.require(), dataset)
+    plans_file = os.path.join(base, plans_identifier + ".json")
+    if not os.path.isfile(plans_file):
+        raise ProtocolError(f"No plans {plans_file}: run nnUNetv2_plan_and_preprocess -d {dataset} first, or pick "
+                            f"the plans with -p.")
+    data_folder = os.path.join(base, PlansManager(plans_file).get_configuration(configuration).data_identifier)
+    if not os.path.isdir(data_folder):
+        raise ProtocolError(f"{data_folder} does not exist: preprocess configuration {configuration} first.")
+    splits_file = os.path.join(base, "splits_final.json")
+    if not os.path.isfile(splits_file):
+        identifiers = sorted(infer_dataset_class(data_folder).get_identifiers(data_folder))
+        save_json(generate_crossval_split(identifiers, seed=12345, n_splits=5), splits_file)
+    splits = load_json(splits_file)
+    if not 0 <= fold < len(splits):
+        raise ProtocolError(f"Fold {fold} is not in {splits_file} ({len(splits)} folds); pick one with -f.")
+    train, val = tuple(splits[fold]["train"]), tuple(splits[fold]["val"])
+    if set(train) & set(val):
+        raise ProtocolError(f"Fold {fold} of {splits_file} has cases in both train and val; the protocol needs "
+                            f"disjoint validation cases.")
+    return FoldSplit(train, val)
+
+
+def trainer_kind(trainer: Union[str, type]) -> Tuple[type, str]:
+    """(class, 'supervised' | 'semi-supervised'); raises for trainers the protocol cannot restrict to N cases."""
+    from nnunetv2_samssl.benchmark.speed import find_trainer_class
+    from nnunetv2_samssl.training.nnUNetTrainerLabeledSubset import nnUNetTrainerLabeledSubset
+    from nnunetv2_samssl.training.ssl_trainer import nnUNetTrainerSSLBase
+
+    cls = find_trainer_class(trainer)
+    if issubclass(cls, nnUNetTrainerSSLBase):
+        return cls, "semi-supervised"
+    if issubclass(cls, nnUNetTrainerLabeledSubset):
+        return cls, "supervised"
+    raise ProtocolError(f"{cls.__name__} cannot be restricted to N labeled cases. The supervised baseline "
+                        f"({BASELINE_TRAINER}, plain nnU-Net training on the N cases) is always run; -tr takes "
+                        f"semi-supervised trainers of this package.")
+
+
+def format_override(key: str, value: Any) -> str:
+    """One ``key=value`` token of ``nnUNet_samssl_overrides`` (YAML value without whitespace)."""
+    if value is None:
+        return f"{key}=null"
+    if isinstance(value, bool):
+        return f"{key}={'true' if value else 'false'}"
+    if isinstance(value, (list, tuple)):
+        bad = [c for c in value if not isinstance(c, str) or not c or any(ch.isspace() or ch == "'" for ch in c)]
+        if bad:
+            raise ProtocolError(f"Case identifiers {bad[:3]} contain whitespace or quotes and cannot be passed "
+                                f"through {OVERRIDES_ENV}.")
+        # YAML single quotes keep the text literally, so identifiers such as 001 or yes stay strings
+        quoted = ",".join("'" + c + "'" for c in value)
+        return f"{key}=[{quoted}]"
+    return f"{key}={value}"
+
+
+def ssl_override_text(settings: ProtocolSettings, trainer: str) -> str:
+    """The user's extra settings for one semi-supervised trainer: ``--overrides`` then its ``--set``."""
+    return f"{settings.ssl_overrides} {settings.trainer_overrides.get(trainer, '')}".strip()
+
+
+def resolve_schedule(settings: ProtocolSettings, ssl_classes: Sequence[type]) -> Dict[str, Any]:
+    """The schedule every run gets: CLI values, else what the semi-supervised trainers' settings give
+    (they must agree), else nnU-Net's defaults (null)."""
+    from nnunetv2_samssl.config.schema import resolve_config
+
+    cli = {"num_epochs": settings.epochs, "num_iterations_per_epoch": settings.iters,
+           "num_val_iterations_per_epoch": settings.val_iters}
+    schedule: Dict[str, Any] = {k: None for k in SCHEDULE_KEYS}
+    seen: Dict[str, Tuple[Any, str]] = {}
+    for cls in ssl_classes:
+        user = parse_overrides(ssl_override_text(settings, cls.__name__))
+        clash = sorted(set(user) & set(PINNED_KEYS))
+        if clash:
+            raise ProtocolError(f"--overrides / --set must not set {clash}: the protocol chooses the labeled cases "
+                                f"itself (--labeled, --seed, --use-unlabeled-folder).")
+        cfg, _ = resolve_config(cls.config_schema, cls.default_config, config=settings.config,
+                                overrides={**user, **{k: v for k, v in cli.items() if v is not None}}, environ={})
+        for key in SCHEDULE_KEYS:
+            if key in seen and seen[key][0] != cfg[key]:
+                raise ProtocolError(f"{seen[key][1]} and {cls.__name__} resolve {key} differently ({seen[key][0]!r} "
+                                    f"vs {cfg[key]!r}); give the schedule explicitly (--epochs, --iters, "
+                                    f"--val-iters, or {key} in --overrides).")
+            seen.setdefault(key, (cfg[key], cls.__name__))
+            schedule[key] = cfg[key]
+    for key, value in cli.items():
+        if value is not None:
+            schedule[key] = value
+    return schedule
+
+
+def plan_runs(settings: ProtocolSettings) -> List[RunSpec]:
+    """Every run of the protocol, baseline first within each N (nothing is trained here)."""
+    from nnunetv2_samssl.data.splits import LabeledSubsetError, choose_labeled_subset
+
+    name = dataset_name(settings.dataset)
+    split = fold_split(name, settings.configuration, settings.fold, settings.plans_identifier)
+    counts = sorted(set(int(n) for n in settings.labeled_counts))
+    if not counts:
+        raise ProtocolError("--labeled needs at least one number of labeled cases.")
+    trainers: List[Tuple[str, str]] = [(BASELINE_TRAINER, "supervised")]
+    ssl_classes = []
+    for t in settings.trainers:
+        cls, kind = trainer_kind(t)
+        if cls.__name__ not in [n for n, _ in trainers]:
+            trainers.append((cls.__name__, kind))
+            if kind == "semi-supervised":
+                ssl_classes.append(cls)
+    try:
+        schedule = resolve_schedule(settings, ssl_classes)
+    except ConfigError as e:
+        raise ProtocolError(f"The settings of the semi-supervised runs are invalid: {e}") from e
+    schedule_tokens = [format_override(k, v) for k, v in schedule.items()]
+    outdir = os.path.abspath(settings.outdir)
+    runs = []
+    for n in counts:
+        try:
+            labeled, rest = choose_labeled_subset(split.train, n, None, settings.seed)
+        except LabeledSubsetError as e:
+            raise ProtocolError(f"--labeled {n}: fold {settings.fold} has {len(split.train)} training cases. "
+                                f"{e}") from e
+        if settings.trainers and not rest and any(k == "semi-supervised" for _, k in trainers) \
+                and not settings.use_unlabeled_folder:
+            raise ProtocolError(f"--labeled {n} uses every training case of fold {settings.fold}: the "
+                                f"semi-supervised trainers would have no unlabeled case (add "
+                                f"--use-unlabeled-folder or use fewer labeled cases).")
+        pin = [format_override("num_labeled", None), format_override("labeled_cases", labeled)]
+        for tname, kind in trainers:
+            semi = kind == "semi-supervised"
+            tokens = schedule_tokens + pin
+            if semi:
+                tokens = schedule_tokens + ssl_override_text(settings, tname).split() + pin + \
+                         [format_override("use_unlabeled_folder", bool(settings.use_unlabeled_folder))]
+            runs.append(RunSpec(
+                trainer=tname, kind=kind, num_labeled=n, labeled_cases=tuple(labeled),
+                unlabeled_cases=tuple(rest) if semi else (), unused_cases=() if semi else tuple(rest),
+                validation_cases=split.validation, uses_unlabeled_folder=semi and settings.use_unlabeled_folder,
+                dataset=name, configuration=settings.configuration, fold=settings.fold,
+                plans_identifier=settings.plans_identifier, overrides=" ".join(tokens),
+                config=_config_reference(settings.config) if semi else None,
+                results_dir=os.path.join(outdir, RUNS_FOLDER, f"{tname}_N{n}")))
+    return runs
+
+
+def _config_reference(config: Optional[str]) -> Optional[str]:
+    """A bundled config name as given, a file as its absolute path (the runs start in other folders)."""
+    if config and (os.path.isfile(config) or os.path.sep in config):
+        return os.path.abspath(config)
+    return config or None
+
+
+def check_plan(runs: Sequence[RunSpec]) -> None:
+    """Invariants of the protocol; raises :class:`ProtocolError` naming the run that breaks one."""
+    by_n: Dict[int, List[RunSpec]] = {}
+    for r in runs:
+        by_n.setdefault(r.num_labeled, []).append(r)
+        labeled, unlabeled, val = set(r.labeled_cases), set(r.unlabeled_cases), set(r.validation_cases)
+        if len(labeled) != r.num_labeled:
+            raise ProtocolError(f"{r.name}: {len(labeled)} labeled cases, expected {r.num_labeled}.")
+        if labeled & unlabeled or val & (labeled | unlabeled | set(r.unused_cases)):
+            raise ProtocolError(f"{r.name}: labeled, unlabeled and validation cases overlap.")
+    for n, group in by_n.items():
+        if len({r.labeled_cases for r in group}) != 1 or len({r.validation_cases for r in group}) != 1:
+            raise ProtocolError(f"N={n}: the runs do not share the same labeled and validation cases.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# running
+# ----------------------------------------------------------------------------------------------------
+def run_state(spec: RunSpec) -> str:
+    """``finished`` (final checkpoint + validation summary), ``trained`` (final checkpoint only),
+    ``interrupted`` (some checkpoint) or ``new``."""
+    out = spec.output_folder
+    if os.path.isfile(os.path.join(out, "checkpoint_final.pth")):
+        return "finished" if os.path.isfile(spec.summary_file) else "trained"
+    if any(os.path.isfile(os.path.join(out, c)) for c in CHECKPOINTS):
+        return "interrupted"
+    return "new"
+
+
+def train_command(spec: RunSpec, device: str, state: str) -> List[str]:
+    exe = shutil.which("nnUNetv2_train", path=os.path.dirname(sys.executable) + os.pathsep
+                       + os.environ.get("PATH", ""))
+    if exe is None:
+        raise ProtocolError("nnUNetv2_train is not on PATH (install nnunetv2 in this environment).")
+    cmd = [exe, spec.dataset, spec.configuration, str(spec.fold), "-tr", spec.trainer, "-p", spec.plans_identifier,
+           "-device", device]
+    if state == "trained":
+        cmd.append("--val")
+    elif state == "interrupted":
+        cmd.append("--c")
+    return cmd
+
+
+def _planned(spec: RunSpec) -> Dict[str, Any]:
+    d = asdict(spec)
+    return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in PLANNED_FIELDS}
+
+
+def _read_record(spec: RunSpec) -> Optional[Dict[str, Any]]:
+    path = os.path.join(spec.results_dir, RUN_RECORD)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_record(spec: RunSpec, record: Dict[str, Any]) -> None:
+    os.makedirs(spec.results_dir, exist_ok=True)
+    path = os.path.join(spec.results_dir, RUN_RECORD)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def execute_run(spec: RunSpec, device: str, base_env: Mapping[str, str],
+                log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Trains / resumes / validates one run in an ``nnUNetv2_train`` subprocess, or reuses it when finished.
+
+    Returns its record (``run.json``): the plan and one entry per attempt (command, state, seconds).
+    """
+    record = _read_record(spec)
+    planned = _planned(spec)
+    if record is not None:
+        differs = [k for k in PLANNED_FIELDS if record.get("plan", {}).get(k) != planned[k]]
+        if differs:
+            raise ProtocolError(f"{spec.results_dir} holds a run planned with other settings ({', '.join(differs)}"
+                                f"); use another output folder (-o) or delete that run folder.")
+    else:
+        record = {"plan": planned, "attempts": []}
+    state = run_state(spec)
+    if state == "finished":
+        log(f"{spec.name}: reusing the finished run (checkpoint_final.pth and validation/summary.json exist)")
+        record["reused"] = record.get("reused", 0) + 1
+        _write_record(spec, record)
+        return record
+    cmd = train_command(spec, device, state)
+    action = {"new": "training", "interrupted": "resuming (--c)", "trained": "validating (--val)"}[state]
+    log(f"{spec.name}: {action} ...")
+    _write_record(spec, record)
+    log_path = os.path.join(spec.results_dir, TRAIN_LOG)
+    t0 = time.perf_counter()
+    with open(log_path, "a") as f:
+        f.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n"
+                f"===== {OVERRIDES_ENV}={spec.overrides}\n")
+        f.flush()
+        proc = subprocess.run(cmd, env=spec.environment(base_env), stdout=f, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL)
+    seconds = time.perf_counter() - t0
+    record["attempts"].append({"state": state, "command": cmd, "returncode": proc.returncode, "seconds": seconds})
+    _write_record(spec, record)
+    if proc.returncode != 0 or run_state(spec) != "finished":
+        with open(log_path) as f:
+            tail = "".join(f.readlines()[-40:])
+        raise ProtocolError(f"{spec.name}: nnUNetv2_train exited with code {proc.returncode} "
+                            f"(state now: {run_state(spec)}). Last lines of {log_path}:\n{tail}")
+    log(f"{spec.name}: done in {seconds:.0f} s")
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------------------
+def surface_mask(mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` with a face-neighbour outside it (the image border counts as outside)."""
+    from scipy import ndimage
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
+
+
+def hd95(prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float]) -> float:
+    """95th-percentile Hausdorff distance between two binary masks, in the units of ``spacing``.
+
+    Args:
+        prediction, reference: boolean arrays of the same shape (any number of axes).
+        spacing: voxel size along each axis of the arrays (same axis order).
+    Returns:
+        max(p95 of distances from prediction surface to reference surface, p95 the other way);
+        0.0 when both masks are empty, NaN when exactly one is.
+    """
+    from scipy import ndimage
+    prediction, reference = np.asarray(prediction, bool), np.asarray(reference, bool)
+    if prediction.shape != reference.shape or len(spacing) != prediction.ndim:
+        raise ValueError(f"hd95: shapes {prediction.shape} / {reference.shape} and spacing {tuple(spacing)} "
+                         f"do not match")
+    if not prediction.any() and not reference.any():
+        return 0.0
+    if not prediction.any() or not reference.any():
+        return float("nan")
+    surf_p, surf_r = surface_mask(prediction), surface_mask(reference)
+    dist_to_r = ndimage.distance_transform_edt(~surf_r, sampling=spacing)
+    dist_to_p = ndimage.distance_transform_edt(~surf_p, sampling=spacing)
+    return float(max(np.percentile(dist_to_r[surf_p], 95), np.percentile(dist_to_p[surf_r], 95)))
+
+
+def _label_names(dataset_json: Mapping[str, Any]) -> Dict[str, str]:
+    """summary.json label key (``"1"``, ``"(1, 2)"``) -> readable name."""
+    from nnunetv2.evaluation.evaluate_predictions import label_or_region_to_key
+    out = {}
+    for name, value in dataset_json["labels"].items():
+        key = label_or_region_to_key(tuple(value) if isinstance(value, (list, tuple)) else int(value))
+        out[key] = name
+    return out
+
+
+def evaluate_run(spec: RunSpec, compute_hd95: bool = True) -> Dict[str, Any]:
+    """Dice per class and mean from the run's ``validation/summary.json``; HD95 from its predictions.
+
+    Also checks that exactly the planned validation cases were evaluated.
+    """
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.evaluation.evaluate_predictions import region_or_label_to_mask
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    summary = load_json(spec.summary_file)
+    base = os.path.join(nnUNet_preprocessed.require(), spec.dataset)
+    dataset_json = load_json(os.path.join(base, "dataset.json"))
+    ending = dataset_json["file_ending"]
+    cases = sorted(os.path.basename(c["prediction_file"])[:-len(ending)] for c in summary["metric_per_case"])
+    if cases != sorted(spec.validation_cases):
+        raise ProtocolError(f"{spec.name}: validation evaluated {cases}, planned {sorted(spec.validation_cases)}.")
+    names = _label_names(dataset_json)
+    keys = [k for k in summary["mean"]]
+    result: Dict[str, Any] = {"dice": {names.get(k, k): summary["mean"][k]["Dice"] for k in keys},
+                              "dice_mean": summary["foreground_mean"]["Dice"], "validation_cases": cases}
+    if compute_hd95:
+        plans_manager = PlansManager(os.path.join(base, spec.plans_identifier + ".json"))
+        reader = plans_manager.image_reader_writer_class()
+        ignore = plans_manager.get_label_manager(dataset_json).ignore_label
+        per_class: Dict[str, List[float]] = {k: [] for k in keys}
+        for case in summary["metric_per_case"]:
+            pred, props = reader.read_seg(case["prediction_file"])
+            ref, _ = reader.read_seg(case["reference_file"])
+            pred, ref = pred[0], ref[0]
+            valid = ref != ignore if ignore is not None else np.ones(ref.shape, bool)
+            spacing = list(props["spacing"])[-ref.ndim:]
+            for k in keys:
+                label = _key_to_label(k)
+                per_class[k].append(hd95(region_or_label_to_mask(pred, label) & valid,
+                                         region_or_label_to_mask(ref, label) & valid, spacing))
+        result["hd95"] = {names.get(k, k): _nanmean(v) for k, v in per_class.items()}
+        result["hd95_mean"] = _nanmean([_nanmean(v) for v in per_class.values()])
+        result["hd95_undefined"] = int(sum(np.isnan(v).sum() for v in per_class.values()))
+    return result
+
+
+def _key_to_label(key: str):
+    from nnunetv2.evaluation.evaluate_predictions import key_to_label_or_region
+    return key_to_label_or_region(key)
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    values = np.asarray(values, dtype=float)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------
+# results
+# ----------------------------------------------------------------------------------------------------
+def result_rows(runs: Sequence[RunSpec], evaluations: Sequence[Mapping[str, Any]],
+                records: Sequence[Mapping[str, Any]]) -> Tuple[List[str], List[List[Any]]]:
+    """(header, rows) of the results table, one row per run."""
+    classes = list(evaluations[0]["dice"]) if evaluations else []
+    with_hd95 = bool(evaluations) and "hd95" in evaluations[0]
+    header = ["trainer", "kind", "num_labeled", "num_unlabeled"] + [f"dice_{c}" for c in classes] + ["dice_mean"]
+    if with_hd95:
+        header += [f"hd95_{c}" for c in classes] + ["hd95_mean", "hd95_undefined"]
+    header += ["num_validation", "train_seconds"]
+    rows = []
+    for spec, ev, rec in zip(runs, evaluations, records):
+        unlabeled = f"{len(spec.unlabeled_cases)}{'+folder' if spec.uses_unlabeled_folder else ''}"
+        row = [spec.trainer, spec.kind, spec.num_labeled, unlabeled] + [ev["dice"][c] for c in classes] + \
+              [ev["dice_mean"]]
+        if with_hd95:
+            row += [ev["hd95"][c] for c in classes] + [ev["hd95_mean"], ev["hd95_undefined"]]
+        row += [len(ev["validation_cases"]), int(round(sum(a["seconds"] for a in rec.get("attempts", []))))]
+        rows.append(row)
+    return header, rows
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if not np.isfinite(value) else f"{value:.4f}"
+    return str(value)
+
+
+def write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows([[_cell(v) for v in row] for row in rows])
+
+
+def write_markdown(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]], title: str) -> None:
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    lines += ["", "Dice: nnU-Net's validation of each run (`validation/summary.json`, mean over the fold's "
+              "validation cases); HD95 in mm (both directions' 95th percentile surface distance, max of the two)."]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot_dice(path: str, runs: Sequence[RunSpec], evaluations: Sequence[Mapping[str, Any]], title: str) -> None:
+    """Mean foreground Dice against the number of labeled cases, one line per trainer."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    trainers = list(dict.fromkeys(r.trainer for r in runs))
+    for t in trainers:
+        pts = sorted((r.num_labeled, ev["dice_mean"]) for r, ev in zip(runs, evaluations) if r.trainer == t)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=t)
+    counts = sorted({r.num_labeled for r in runs})
+    ax.set_xticks(counts)
+    ax.set_xlabel("labeled training cases")
+    ax.set_ylabel("mean foreground Dice (validation)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_protocol(settings: ProtocolSettings, log: Callable[[str], None] = print,
+                 base_env: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
+    """Plans, runs (or reuses) and evaluates every run; writes the table, plot and plan into ``outdir``.
+
+    Returns ``{"runs": [...RunSpec], "evaluations": [...], "records": [...], "files": {...}}``.
+    """
+    runs = plan_runs(settings)
+    check_plan(runs)
+    outdir = os.path.abspath(settings.outdir)
+    os.makedirs(outdir, exist_ok=True)
+    with open(os.path.join(outdir, PLAN_FILE), "w") as f:
+        json.dump([asdict(r) for r in runs], f, indent=2)
+    env = dict(os.environ if base_env is None else base_env)
+    records, evaluations = [], []
+    for i, spec in enumerate(runs):
+        log(f"[{i + 1}/{len(runs)}] {spec.trainer}, {spec.num_labeled} labeled / {len(spec.unlabeled_cases)} "
+            f"unlabeled, fold {spec.fold}")
+        records.append(execute_run(spec, settings.device, env, log))
+        evaluations.append(evaluate_run(spec, settings.hd95))
+    header, rows = result_rows(runs, evaluations, records)
+    title = f"Few-label protocol: {runs[0].dataset}, {settings.configuration}, fold {settings.fold}"
+    files = {"csv": os.path.join(outdir, RESULTS_CSV), "markdown": os.path.join(outdir, RESULTS_MD),
+             "png": os.path.join(outdir, RESULTS_PNG), "plan": os.path.join(outdir, PLAN_FILE)}
+    write_csv(files["csv"], header, rows)
+    write_markdown(files["markdown"], header, rows, title)
+    plot_dice(files["png"], runs, evaluations, title)
+    return {"runs": runs, "evaluations": evaluations, "records": records, "header": header, "rows": rows,
+            "files": files}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="nnUNetv2_samssl_fewlabel",
+        description="Few-label protocol: for each number N of labeled cases, train nnUNetTrainerLabeledSubset "
+                    "(plain nnU-Net on the N cases) and each semi-supervised trainer (same N labeled cases, the "
+                    "fold's other training cases unlabeled) with nnUNetv2_train, validate on the fold's "
+                    "validation cases, and tabulate/plot Dice (and HD95). Re-running resumes and reuses runs.")
+    parser.add_argument("-d", "--dataset", required=True, help="dataset name or id")
+    parser.add_argument("-c", "--configuration", required=True, help="configuration, e.g. 3d_fullres")
+    parser.add_argument("--labeled", type=int, nargs="+", required=True, help="numbers of labeled cases, e.g. 1 2 4")
+    parser.add_argument("-tr", "--trainers", nargs="*", default=["nnUNetTrainerMeanTeacher"],
+                        help="semi-supervised trainers (default nnUNetTrainerMeanTeacher); the supervised "
+                             "baseline nnUNetTrainerLabeledSubset always runs")
+    parser.add_argument("-f", "--fold", type=int, default=0, help="fold of splits_final.json (default 0)")
+    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    parser.add_argument("--epochs", type=int, default=None, help="num_epochs of every run")
+    parser.add_argument("--iters", type=int, default=None, help="num_iterations_per_epoch of every run")
+    parser.add_argument("--val-iters", type=int, default=None, help="num_val_iterations_per_epoch of every run")
+    parser.add_argument("-device", "--device", default="cuda", choices=("cuda", "cpu", "mps"), help="default cuda")
+    parser.add_argument("-o", "--outdir", default=None, help="output folder (default ./fewlabel_<dataset>)")
+    parser.add_argument("--seed", type=int, default=12345, help="seed of the choice of the labeled cases")
+    parser.add_argument("--config", default=os.environ.get(CONFIG_ENV) or None,
+                        help=f"settings of the semi-supervised runs (bundled name or YAML path; default "
+                             f"${CONFIG_ENV}). ${OVERRIDES_ENV} is ignored: each run gets its own")
+    parser.add_argument("--overrides", default="",
+                        help="extra 'key=value ...' settings of the semi-supervised runs, e.g. 'ema_decay=0.999'")
+    parser.add_argument("--set", nargs=2, action="append", default=[], metavar=("TRAINER", "OVERRIDES"),
+                        help="extra settings of one semi-supervised trainer, after --overrides, e.g. --set "
+                             "nnUNetTrainerSemiSAM 'sam_checkpoint=/path/sam_med3d_turbo.pth' (repeatable)")
+    parser.add_argument("--use-unlabeled-folder", action="store_true",
+                        help="semi-supervised runs also use the preprocessed imagesUnlabeled cases")
+    parser.add_argument("--no-hd95", action="store_true", help="skip the HD95 computation")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan of runs and exit")
+    args = parser.parse_args(argv)
+    settings = ProtocolSettings(
+        dataset=args.dataset, configuration=args.configuration, labeled_counts=args.labeled, trainers=args.trainers,
+        fold=args.fold, plans_identifier=args.plans, outdir=args.outdir or f"fewlabel_{args.dataset}",
+        device=args.device, epochs=args.epochs, iters=args.iters, val_iters=args.val_iters, seed=args.seed,
+        config=args.config, ssl_overrides=args.overrides, use_unlabeled_folder=args.use_unlabeled_folder,
+        trainer_overrides={t: " ".join(text for name, text in args.set if name == t) for t, _ in args.set},
+        hd95=not args.no_hd95)
+    try:
+        if args.dry_run:
+            runs = plan_runs(settings)
+            check_plan(runs)
+            print(json.dumps([asdict(r) for r in runs], indent=2))
+            return
+        result = run_protocol(settings)
+    except (ProtocolError, ConfigError) as e:
+        raise SystemExit(f"nnUNetv2_samssl_fewlabel: {e}")
+    header, rows = result["header"], result["rows"]
+    widths = [max(len(_cell(x)) for x in col) for col in zip(header, *rows)]
+    for row in [header] + rows:
+        print("  ".join(_cell(v).ljust(w) for v, w in zip(row, widths)))
+    for kind, path in result["files"].items():
+        print(f"{kind}: {path}")
+
+
+if __name__ == "__main__":
+    main()
