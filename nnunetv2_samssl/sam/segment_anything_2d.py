@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from nnunetv2_samssl.sam.interface import InputSpace, PromptableModel
+from nnunetv2_samssl.sam.strict_loading import state_dict_problems
 
 CHECKPOINT_SETTING = "sam_checkpoint"
 
@@ -36,7 +37,6 @@ SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 SAM_VIT_TYPES: Dict[str, Tuple[int, int]] = {"vit_b": (768, 12), "vit_l": (1024, 24), "vit_h": (1280, 32)}
 
 _SEGMENT_ANYTHING_INSTALL = 'pip install "nnunetv2-samssl[segment-anything]"'
-_MAX_LISTED_KEYS = 12
 
 
 class CheckpointMismatchError(ValueError):
@@ -111,11 +111,6 @@ def read_state_dict(path: Union[str, Path], setting: str = CHECKPOINT_SETTING) -
     return dict(checkpoint)
 
 
-def _listed(keys: Sequence[str]) -> str:
-    shown = ", ".join(keys[:_MAX_LISTED_KEYS])
-    return shown + (f", ... ({len(keys) - _MAX_LISTED_KEYS} more)" if len(keys) > _MAX_LISTED_KEYS else "")
-
-
 def load_state_dict_strictly(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
                              setting: str = CHECKPOINT_SETTING, hint: str = "") -> None:
     """Load ``state_dict`` into ``module`` only if every key and every shape matches.
@@ -124,19 +119,8 @@ def load_state_dict_strictly(module: nn.Module, state_dict: Mapping[str, torch.T
         CheckpointMismatchError: listing missing keys, unexpected keys and shape mismatches; the message
             names ``setting`` and ends with ``hint`` (e.g. which model type the checkpoint looks like).
     """
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong_shape = sorted(f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})"
-                         for k in set(expected) & set(state_dict) if state_dict[k].shape != expected[k].shape)
-    if missing or unexpected or wrong_shape:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing key(s): {_listed(missing)}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected key(s): {_listed(unexpected)}")
-        if wrong_shape:
-            problems.append(f"{len(wrong_shape)} shape mismatch(es): {_listed(wrong_shape)}")
+    problems = state_dict_problems(state_dict, {k: tuple(v.shape) for k, v in module.state_dict().items()})
+    if problems:
         raise CheckpointMismatchError(
             f"The SAM checkpoint '{source}' (setting '{setting}') does not match the {type(module).__name__} "
             f"architecture: " + "; ".join(problems) + ". Nothing was loaded." + (f" {hint}" if hint else ""))

@@ -511,8 +511,8 @@ def test_tampered_shape_fails_naming_it(tmp_path, tiny_sd):
     sd["image_encoder.blocks.0.attn.rel_pos_d"] = torch.zeros(7, 12)
     path = tmp_path / "reshaped.pth"
     torch.save(sd, path)
-    with pytest.raises(SAMCheckpointError, match=r"image_encoder\.blocks\.0\.attn\.rel_pos_d: checkpoint \(7, 12\) "
-                                                 r"vs model \(11, 12\)"):
+    with pytest.raises(SAMCheckpointError, match=r"image_encoder\.blocks\.0\.attn\.rel_pos_d \(checkpoint \(7, 12\), "
+                                                 r"model \(11, 12\)\)"):
         load_sam_med3d(path, config="tiny")
 
 

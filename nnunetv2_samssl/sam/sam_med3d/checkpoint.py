@@ -22,25 +22,20 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from nnunetv2_samssl.sam.strict_loading import listed, state_dict_problems
+
 from .build import SAMMed3DConfig, build_sam_med3d, expected_state_shapes
 from .model import SAMMed3D
 
 CHECKPOINT_SETTING = "sam_checkpoint"
 ALLOW_PICKLE_SETTING = "sam_checkpoint_allow_pickle"
 CONVERT_COMMAND = "nnUNetv2_samssl_convert_sam_med3d"
-_MAX_LISTED = 20
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
 class SAMCheckpointError(ValueError):
     """A SAM-Med3D checkpoint could not be loaded as configured (message says which setting to fix)."""
-
-
-def _list(items, limit: int = _MAX_LISTED) -> str:
-    items = list(items)
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def extract_model_state_dict(obj, source: str = "checkpoint") -> Dict[str, torch.Tensor]:
@@ -58,7 +53,7 @@ def extract_model_state_dict(obj, source: str = "checkpoint") -> Dict[str, torch
     if not_tensors:
         raise SAMCheckpointError(
             f"{CHECKPOINT_SETTING} {source}: expected a SAM-Med3D training checkpoint (a dict with "
-            f"'model_state_dict') or a plain dict of tensors; these entries are not tensors: {_list(map(str, not_tensors))}")
+            f"'model_state_dict') or a plain dict of tensors; these entries are not tensors: {listed([str(k) for k in not_tensors])}")
     state = {str(k): v for k, v in state.items()}
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
@@ -114,18 +109,8 @@ def check_state_dict(state_dict: Mapping, config: Union[str, SAMMed3DConfig] = "
     """
     expected = expected_state_shapes(config)
     name = config if isinstance(config, str) else "custom"
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {expected[k]}"
-                  for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {_list(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {_list(unexpected)}")
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatch(es): {_list(mismatched)}")
+    parts = state_dict_problems(state_dict, expected)
+    if parts:
         raise SAMCheckpointError(f"{CHECKPOINT_SETTING} {source} does not match the SAM-Med3D architecture "
                                  f"'{name}' ({'; '.join(parts)})")
 
