@@ -73,8 +73,8 @@ def main(argv: Sequence[str] = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=os.path.abspath("samssl_demo"), help="work folder (default ./samssl_demo)")
     parser.add_argument("--num-labeled", type=int, default=2, help="labeled training cases used (default 2)")
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--iterations", type=int, default=12, help="training iterations per epoch")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--iterations", type=int, default=10, help="training iterations per epoch")
     parser.add_argument("--trainers", nargs="+", default=list(TRAINERS), choices=list(TRAINERS))
     args = parser.parse_args(argv)
 

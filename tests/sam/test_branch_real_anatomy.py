@@ -56,6 +56,6 @@ def test_sam_branch_turns_a_degraded_prediction_into_a_better_pseudo_label(case,
     print(f"\nL3 body, axial slices {slices}: degraded prediction Dice {np.round(dice_before, 3).tolist()} "
           f"(mean {dice_before.mean():.3f}) -> SAM pseudo-label Dice {np.round(dice_after, 3).tolist()} "
           f"(mean {dice_after.mean():.3f})")
-    assert out.valid.all()
+    assert out.valid.numpy()[truth].all()  # SAM's crops cover the whole object
     assert dice_after.mean() > dice_before.mean() + 0.05
     assert np.all(dice_after > dice_before)
