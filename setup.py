@@ -91,6 +91,7 @@ setup(
         "console_scripts": [
             "nnUNetv2_samssl_preprocess_unlabeled=nnunetv2_samssl.data.unlabeled_preprocessing:main",
             "nnUNetv2_samssl_make_demo=nnunetv2_samssl.demo.synthetic:main",
+            "nnUNetv2_samssl_make_fewlabel_dataset=nnunetv2_samssl.demo.real_anatomy:main",
             "nnUNetv2_samssl_demo=nnunetv2_samssl.demo.run_demo:main",
             "nnUNetv2_samssl_convert_sam_med3d=nnunetv2_samssl.sam.sam_med3d.convert:main",
             "nnUNetv2_samssl_benchmark=nnunetv2_samssl.benchmark.speed:main",
