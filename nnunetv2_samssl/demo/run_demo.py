@@ -73,8 +73,8 @@ def main(argv: Sequence[str] = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=os.path.abspath("samssl_demo"), help="work folder (default ./samssl_demo)")
     parser.add_argument("--num-labeled", type=int, default=2, help="labeled training cases used (default 2)")
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--iterations", type=int, default=10, help="training iterations per epoch")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--iterations", type=int, default=8, help="training iterations per epoch")
     parser.add_argument("--trainers", nargs="+", default=list(TRAINERS), choices=list(TRAINERS))
     args = parser.parse_args(argv)
 
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] = None) -> None:
 
     train_env = dict(env, nnUNet_n_proc_DA=env.get("nnUNet_n_proc_DA", "1"))
     schedule = (f"num_epochs={args.epochs} num_iterations_per_epoch={args.iterations} "
-                f"num_val_iterations_per_epoch=2 num_labeled={args.num_labeled}")
+                f"num_val_iterations_per_epoch=1 num_labeled={args.num_labeled}")
     results = {}
     for trainer in args.trainers:
         fold = os.path.join(folders["nnUNet_results"], DATASET, f"{trainer}__nnUNetPlans__{CONFIG}", "fold_0")
