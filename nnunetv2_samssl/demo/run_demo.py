@@ -31,7 +31,7 @@ CONFIG = "3d_fullres"
 TRAINERS: Dict[str, str] = {
     "nnUNetTrainerLabeledSubset": "",
     "nnUNetTrainerMeanTeacher": "",
-    "nnUNetTrainerSemiSAM": "sam_backend=litemedsam sam_num_clicks=3 sam_every=4 sam_max_crops=4",
+    "nnUNetTrainerSemiSAM": "sam_backend=litemedsam sam_num_clicks=3 sam_every=4 sam_max_crops=2",
 }
 LABELS = {"organ": 1, "lesion": 2}
 
