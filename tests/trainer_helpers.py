@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
-from conftest import CONFIG, DATASET_NAME
+from conftest import CONFIG
 
 
 def make_trainer(trainer_class, env, fold=0, continue_training=False, use_overrides=True, **overrides):

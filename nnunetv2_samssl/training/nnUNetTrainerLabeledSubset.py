@@ -12,7 +12,7 @@ handling, the saved ``samssl_config.yaml`` and the atomic checkpoints of the sem
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 

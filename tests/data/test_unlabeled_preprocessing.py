@@ -3,7 +3,7 @@ import shutil
 
 import numpy as np
 import pytest
-from batchgenerators.utilities.file_and_folder_operations import load_json, load_pickle
+from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from conftest import CONFIG, DATASET_ID
 from nnunetv2_samssl.data.unlabeled_dataset import UnlabeledDataset, UnlabeledSource
