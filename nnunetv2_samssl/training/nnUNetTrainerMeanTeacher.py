@@ -112,6 +112,16 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
                                "the student from it).")
         self.teacher.load_state_dict(state["teacher_weights"])
 
+    def validation_step(self, batch: dict) -> dict:
+        """Online validation (pseudo Dice, hence ``checkpoint_best``) of the weights ``predict_with`` selects."""
+        if self.ssl_config["predict_with"] != "teacher":
+            return super().validation_step(batch)
+        student, self.network = self.network, self.teacher.module
+        try:
+            return super().validation_step(batch)
+        finally:
+            self.network = student
+
     def perform_actual_validation(self, save_probabilities: bool = False):
         """nnU-Net's final validation, run with the weights ``predict_with`` selects."""
         if self.ssl_config["predict_with"] != "teacher":

@@ -204,3 +204,27 @@ def test_num_labeled_larger_than_fold(nnunet_env):
 def test_unknown_setting_fails_at_construction(nnunet_env):
     with pytest.raises(ConfigError, match="Unknown setting 'ema'"):
         make_trainer(nnUNetTrainerMeanTeacher, nnunet_env, ema=0.5)
+
+
+@pytest.mark.parametrize("predict_with", ["student", "teacher"])
+def test_online_validation_scores_the_network_predict_with_selects(nnunet_env, predict_with):
+    seed_everything(0)
+    trainer = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env, predict_with=predict_with)
+    trainer.on_train_start()
+    with torch.no_grad():  # a teacher far from the student
+        for p in trainer.teacher.module.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    batch = next(trainer.dataloader_val)
+    trainer.network.eval()
+    got = trainer.validation_step(batch)
+    student = trainer.network
+    expected = {}
+    for name, net in (("student", student), ("teacher", trainer.teacher.module)):
+        trainer.network = net
+        expected[name] = super(nnUNetTrainerMeanTeacher, trainer).validation_step(batch)
+    trainer.network = student
+    other = "student" if predict_with == "teacher" else "teacher"
+    assert got["loss"] == pytest.approx(expected[predict_with]["loss"])
+    assert got["loss"] != pytest.approx(expected[other]["loss"])
+    assert trainer.network is student  # the student is back in place
+    trainer.on_train_end()
