@@ -186,6 +186,13 @@ SEMISAM_OPTIONS = (
     Option("sam_every", (int,), "Run the SAM branch every this many iterations (1 = every iteration, as in the "
            "papers; k > 1 trades SAM guidance for speed: the SAM loss then acts on 1/k of the iterations).",
            minimum=1),
+    Option("sam_pseudo_labels", (str,), "online: SAM runs on the unlabeled patches of every iteration, prompted by "
+           "the current prediction (the papers); cached: every sam_cache_refresh_epochs epochs SAM labels every whole "
+           "unlabeled case once, prompted by a sliding-window prediction, and the stored maps ride through the "
+           "augmentation with the images (SAM leaves the training step; pseudo-labels are up to that many epochs "
+           "old, hard, and made on whole cases).", choices=("online", "cached")),
+    Option("sam_cache_refresh_epochs", (int,), "cached mode: pseudo-labels are (re)made at the start of epochs "
+           "k, 2k, 3k, ...; the first k epochs train without the SAM loss.", minimum=1),
     Option("sam_diagnostics", (bool, str), "Log the Dice of SAM pseudo-labels and of the prompting prediction "
            "against the hidden labels of labeled-subset cases (logged only, never used in a loss): auto (in "
            "labeled-subset mode), true or false.", choices=("auto", True, False)),
@@ -303,6 +310,17 @@ def _cross_checks(cfg: Mapping[str, Any]) -> None:
     if cfg.get("sam_loss") == "uncertainty_mse" and cfg.get("sam_loss_scales") == "all":
         raise ConfigError("Setting sam_loss: uncertainty_mse has a full-resolution uncertainty map only: use "
                           "sam_loss_scales: full_res.")
+    if cfg.get("sam_pseudo_labels") == "cached":
+        if cfg["sam_loss"] == "uncertainty_mse":
+            raise ConfigError("Setting sam_pseudo_labels: cached stores hard labels without the SemiSAM+ uncertainty "
+                              "map: use sam_loss soft_mse or dice_ce, or sam_pseudo_labels: online.")
+        if cfg["sam_every"] != 1:
+            raise ConfigError("Setting sam_every applies to sam_pseudo_labels: online only; with cached pseudo-labels "
+                              "set sam_cache_refresh_epochs instead (and sam_every: 1).")
+        if cfg.get("num_epochs") is not None and cfg["sam_cache_refresh_epochs"] >= cfg["num_epochs"]:
+            raise ConfigError(f"Setting sam_cache_refresh_epochs={cfg['sam_cache_refresh_epochs']} is not below "
+                              f"num_epochs={cfg['num_epochs']}: the first pseudo-labels are made at epoch "
+                              f"sam_cache_refresh_epochs, so the SAM loss would never act. Lower it.")
     if "sam_backend" in cfg and cfg["sam_checkpoint"] is None and not cfg["sam_random_init"] \
             and cfg["sam_backend"] != "litemedsam":
         raise ConfigError(f"Setting 'sam_checkpoint' is required for sam_backend '{cfg['sam_backend']}': give the "

@@ -10,6 +10,10 @@ read; the ``_seg`` file is never opened, so the label of a demoted case cannot r
 prompt. The loader still needs a segmentation array for its crop/augment pipeline: it gets a
 zero-cost all-zero view (``np.broadcast_to``) and ``class_locations = {}`` (no foreground sampling).
 
+Trainers that train on cached pseudo-labels (``pseudo_labels``, a
+:class:`~nnunetv2_samssl.data.pseudo_label_cache.PseudoLabelCache`) get those maps as the segmentation
+instead, so they ride through the same crop and augmentation as the image.
+
 The one exception is opt-in diagnostics: with ``hidden_label_cases`` the real labels of those demoted
 cases travel through the same crop/augmentation (which draws its random numbers independently of the
 label values) into the batch's ``target``, which trainers use only to LOG how good their pseudo-labels
@@ -84,16 +88,29 @@ class UnlabeledDataset(nnUNetBaseDataset):
         if unknown:
             raise ValueError(f"hidden_label_cases {sorted(unknown)[:5]} are not cases of this dataset.")
         self.hidden_label_cases = frozenset(hidden_label_cases)
+        self.pseudo_labels = None  # a PseudoLabelCache: its maps replace the all-zero segmentation
         # deliberately not calling nnUNetBaseDataset.__init__: it lists one folder
         self.source_folder = None
         self.folder_with_segs_from_previous_stage = None
         self.identifiers = sorted(self._folder_of)
+
+    def load_image(self, identifier: str):
+        """``(C, *shape)`` preprocessed image of a case (memory-mapped where the format allows)."""
+        return _open_image(self._folder_of[identifier], identifier)
+
+    def load_hidden_label(self, identifier: str):
+        """The reference label of a labeled-subset case, for LOGGED diagnostics only (never a loss or prompt)."""
+        return _open_seg(self._folder_of[identifier], identifier)
 
     def load_case(self, identifier):
         folder = self._folder_of[identifier]
         data = _open_image(folder, identifier)
         properties = dict(load_pickle(os.path.join(folder, identifier + ".pkl")))
         properties["class_locations"] = {}
+        if self.pseudo_labels is not None:
+            if self.hidden_label_cases:
+                raise RuntimeError("An UnlabeledDataset carries either pseudo-labels or hidden labels, not both.")
+            return data, self.pseudo_labels.load(identifier, data.shape[1:]), None, properties
         if identifier in self.hidden_label_cases:
             return data, _open_seg(folder, identifier), None, properties
         zero_seg = np.broadcast_to(np.zeros((1,) * len(data.shape), dtype=np.int16), (1, *data.shape[1:]))

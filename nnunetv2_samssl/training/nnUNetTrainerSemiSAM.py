@@ -7,16 +7,31 @@ branch (``sam.branch.SamPseudoLabeler``: space mapping, uncertainty-aware prompt
 pseudo-label losses (``ssl.sam_losses``). Prompts come from the student's (or teacher's) prediction only;
 the hidden labels of labeled-subset cases feed logged diagnostics at most.
 Settings: ``trainer_configs/semisam.yaml``.
+
+``sam_pseudo_labels: cached`` moves SAM out of the training step: at the start of epochs k, 2k, ...
+(``sam_cache_refresh_epochs``) every unlabeled case is predicted whole (nnU-Net's sliding window, no
+mirroring), SAM labels it once, prompted by that prediction, and the hard maps are stored
+(``data.pseudo_label_cache``) and loaded as the unlabeled cases' segmentation, so they pass through the same
+crop and augmentation as the images. Differences to the papers' online mode: pseudo-labels are up to k epochs
+old, hard rather than soft, prompted on whole cases rather than patches, and absent in the first k epochs;
+the few batches the loader workers prefetched before a refresh still carry the previous generation.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
-from typing import Dict, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import distributed as dist
 
 from nnunetv2_samssl.config.schema import SEMISAM_SCHEMA
+from nnunetv2_samssl.data.pseudo_label_cache import PseudoLabelCache, generation_name
+from nnunetv2_samssl.ssl.ema import unwrap
 from nnunetv2_samssl.ssl.ramps import sigmoid_rampdown
 from nnunetv2_samssl.ssl.sam_losses import SamPseudoLabelLoss
 from nnunetv2_samssl.training.nnUNetTrainerMeanTeacher import Outputs, nnUNetTrainerMeanTeacher
@@ -73,9 +88,21 @@ class nnUNetTrainerSemiSAM(nnUNetTrainerMeanTeacher):
         scale_weights = self.deep_supervision_weights() if cfg["sam_loss_scales"] == "all" else None
         self.sam_loss = SamPseudoLabelLoss(cfg["sam_loss"], scale_weights)
         self.sam_generator = torch.Generator(device=self.device).manual_seed(12345 + self.local_rank)
+        self.sam_cache = PseudoLabelCache(os.path.join(self.output_folder, "sam_pseudo_labels"),
+                                          self.label_manager.num_segmentation_heads) if self.sam_cached else None
+        self._sam_resume: Optional[Tuple[Optional[str]]] = None  # (generation,) of a loaded checkpoint
+        self._sam_cache_stale = False
+        self._sam_cache_stats: Dict[str, float] = {}
+        self._sam_predictors: Dict[str, Any] = {}
+        self._unlabeled_targets = None
+
+    @property
+    def sam_cached(self) -> bool:
+        return self.ssl_config["sam_pseudo_labels"] == "cached"
 
     def wants_hidden_label_diagnostics(self) -> bool:
-        return self.ssl_config["sam_diagnostics"] in ("auto", True)
+        # cached mode scores whole cases at each refresh instead (see refresh_sam_pseudo_labels)
+        return self.ssl_config["sam_diagnostics"] in ("auto", True) and not self.sam_cached
 
     # ------------------------------------------------------------------ schedule
     def sam_weight(self) -> float:
@@ -88,11 +115,183 @@ class nnUNetTrainerSemiSAM(nnUNetTrainerMeanTeacher):
     def runs_sam_now(self) -> bool:
         return self.global_step % self.ssl_config["sam_every"] == 0
 
+    # ------------------------------------------------------------------ cached pseudo-labels
+    def _build_unlabeled_dataset(self, demoted: Sequence[str]):
+        dataset = super()._build_unlabeled_dataset(demoted)
+        if self.sam_cached:
+            self._prepare_sam_cache()  # before the loader workers start reading it
+            dataset.pseudo_labels = self.sam_cache
+        return dataset
+
+    def _prepare_sam_cache(self) -> None:
+        """Fresh training: a cache left by an earlier run in this folder is deleted. Resumed training: the
+        generation the checkpoint trained with becomes current again, or is rebuilt at once if it is gone."""
+        rank0 = not self.is_ddp or dist.get_rank() == 0
+        generation = self._sam_resume[0] if self._sam_resume is not None else None
+        if generation is not None and self.sam_cache.has_generation(generation):
+            if rank0:
+                self.sam_cache.activate(generation)
+        else:
+            if generation is not None:
+                self.print_to_log_file(f"WARNING: the SAM pseudo-labels this checkpoint trained with "
+                                       f"({generation}) are gone from {self.sam_cache.root}; they are rebuilt now.")
+                self._sam_cache_stale = True
+            if rank0 and os.path.isdir(self.sam_cache.root):
+                import shutil
+                shutil.rmtree(self.sam_cache.root)
+        if self.is_ddp:
+            dist.barrier()
+
+    def _sam_refresh_due(self, epoch: int) -> bool:
+        k = self.ssl_config["sam_cache_refresh_epochs"]
+        return epoch > 0 and epoch % k == 0
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        if self.sam_cached and (self._sam_cache_stale or self._sam_refresh_due(self.current_epoch)):
+            self.refresh_sam_pseudo_labels()
+
+    @contextlib.contextmanager
+    def _plain_outputs(self) -> Iterator[None]:
+        """Student and teacher return full-resolution logits only (no deep-supervision list) inside."""
+        modules = [unwrap(self.network), self.teacher.module]
+        before = [getattr(m.decoder, "deep_supervision", None) for m in modules]
+        for m in modules:
+            if hasattr(m.decoder, "deep_supervision"):
+                m.decoder.deep_supervision = False
+        try:
+            yield
+        finally:
+            for m, b in zip(modules, before):
+                if b is not None:
+                    m.decoder.deep_supervision = b
+
+    def _sliding_window_probabilities(self, which: str, image: torch.Tensor) -> torch.Tensor:
+        """Softmax ``(K, *shape)`` of the student or teacher on a whole case (nnU-Net's sliding window, no
+        mirroring), on the training device."""
+        predictor = self._sam_predictors.get(which)
+        if predictor is None:
+            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+            predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                        perform_everything_on_device=self.device.type == "cuda", device=self.device, verbose=False,
+                                        allow_tqdm=False)
+            network = unwrap(self.network) if which == "student" else self.teacher.module
+            predictor.manual_initialization(network, self.plans_manager, self.configuration_manager, None,
+                                            self.dataset_json, self.__class__.__name__, None)
+            self._sam_predictors[which] = predictor
+        logits = predictor.predict_sliding_window_return_logits(image)
+        return torch.softmax(logits.to(self.device).float(), 0)
+
+    def _needs_teacher_probabilities(self) -> bool:
+        cfg = self.ssl_config
+        return cfg["sam_prompt_source"] != "student" or cfg["sam_uncertainty_measure"] != "entropy"
+
+    @torch.no_grad()
+    def refresh_sam_pseudo_labels(self) -> float:
+        """Makes the SAM pseudo-labels of every unlabeled case for this epoch (cached mode); returns seconds.
+
+        Each DDP rank labels its share of the cases; rank 0 publishes the generation once all are written.
+        Demoted labeled-subset cases are also scored against their hidden labels, for the log only.
+        """
+        start = time.perf_counter()
+        name = generation_name(self.current_epoch)
+        world, rank = (dist.get_world_size(), dist.get_rank()) if self.is_ddp else (1, 0)
+        if rank == 0:
+            self.sam_cache.clear_staging(name)
+        if self.is_ddp:
+            dist.barrier()
+        dataset = self.unlabeled_dataset
+        diagnose = self.ssl_config["sam_diagnostics"] in ("auto", True) and bool(self.demoted_cases)
+        demoted = set(self.demoted_cases)
+        k = self.label_manager.num_segmentation_heads
+        sam_dice: List[float] = []
+        prompt_dice: List[float] = []
+        valid_fraction: List[float] = []
+        student_was_training = unwrap(self.network).training
+        try:
+            with self._plain_outputs():
+                for case in dataset.identifiers[rank::world]:
+                    image = torch.from_numpy(np.asarray(dataset.load_image(case)[:], dtype=np.float32))
+                    student = self._sliding_window_probabilities("student", image)
+                    teacher = self._sliding_window_probabilities("teacher", image) \
+                        if self._needs_teacher_probabilities() else None
+                    pseudo = self.sam_labeler(image[None].to(self.device), student[None],
+                                              None if teacher is None else teacher[None],
+                                              patch_spacing=self.configuration_manager.spacing,
+                                              generator=self.sam_generator)
+                    hard = pseudo.hard_label[0]
+                    stored = torch.where(pseudo.valid[0], hard, torch.full_like(hard, k))
+                    self.sam_cache.write_case(name, case, stored.cpu().numpy(), self.configuration_manager.patch_size)
+                    valid_fraction.append(float(pseudo.valid.float().mean()))
+                    if diagnose and case in demoted:  # logged only: nothing here reaches a loss or a prompt
+                        reference = torch.from_numpy(np.asarray(dataset.load_hidden_label(case)[:])[0].astype(np.int64))
+                        reference = reference.to(self.device)[None]
+                        sam_dice.append(multiclass_dice(hard[None], reference, k))
+                        prompt_dice.append(multiclass_dice(student.argmax(0)[None], reference, k))
+        finally:
+            if student_was_training:
+                unwrap(self.network).train()
+        if self.is_ddp:
+            dist.barrier()
+        if rank == 0:
+            self.sam_cache.publish(name)
+        if self.is_ddp:
+            dist.barrier()
+        self._sam_cache_stale = False
+        seconds = time.perf_counter() - start
+        nanmean = lambda v: float(np.nanmean(v)) if v and not np.all(np.isnan(v)) else float("nan")  # noqa: E731
+        self._sam_cache_stats = {"sam_pseudo_dice": nanmean(sam_dice), "prompt_dice": nanmean(prompt_dice),
+                                 "refresh_s": seconds}
+        self.print_to_log_file(
+            f"SAM pseudo-labels {name}: {len(valid_fraction)} unlabeled cases in {seconds:.1f} s, covered fraction "
+            f"{nanmean(valid_fraction):.3f}" + (f", Dice vs hidden labels (logged only): SAM "
+                                               f"{self._sam_cache_stats['sam_pseudo_dice']:.4f}, prompting prediction "
+                                               f"{self._sam_cache_stats['prompt_dice']:.4f}" if sam_dice else ""))
+        return seconds
+
+    def timed_periodic_sam_work(self) -> Optional[Tuple[float, int]]:
+        """For speed benchmarks: (seconds of one pseudo-label refresh, training iterations it serves), or None
+        in online mode (the SAM branch then runs inside the training step)."""
+        if not self.sam_cached:
+            return None
+        seconds = self.refresh_sam_pseudo_labels()
+        return seconds, self.ssl_config["sam_cache_refresh_epochs"] * self.num_iterations_per_epoch
+
+    def next_unlabeled_batch(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if not self.sam_cached:
+            return super().next_unlabeled_batch()
+        batch = self.unlabeled_loader.__next__()
+        target = batch["target"]  # the cached pseudo-labels, augmented with the images
+        self._unlabeled_targets = [t.to(self.device, non_blocking=True) for t in target] \
+            if isinstance(target, list) else target.to(self.device, non_blocking=True)
+        return batch["data"].to(self.device, non_blocking=True), None
+
+    def _cached_pseudo_label(self, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Cached label maps ``(B, 1, *s)`` -> one-hot probabilities ``(B, K, *s)`` and validity ``(B, *s)``."""
+        k = self.label_manager.num_segmentation_heads
+        labels = labels[:, 0].long()
+        valid = (labels >= 0) & (labels < k)
+        probabilities = F.one_hot(labels.clamp(0, k - 1), k).movedim(-1, 1).float()
+        return probabilities, valid
+
+    def extra_checkpoint_state(self) -> Dict[str, Any]:
+        state = super().extra_checkpoint_state()
+        if self.sam_cached:
+            state["sam_cache_generation"] = self.sam_cache.current_generation()
+        return state
+
+    def load_extra_checkpoint_state(self, state: Mapping[str, Any]) -> None:
+        super().load_extra_checkpoint_state(state)
+        if self.sam_cached:
+            self._sam_resume = (state.get("sam_cache_generation"),)
+
     # ------------------------------------------------------------------ one iteration
     def ssl_losses(self, x_u: torch.Tensor, student_u: Outputs, teacher_u: Outputs,
                    hidden_labels: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         terms = super().ssl_losses(x_u, student_u, teacher_u, hidden_labels)
         nan = torch.tensor(float("nan"))
+        if self.sam_cached:
+            return self._cached_sam_losses(terms, student_u)
         if not self.runs_sam_now():
             terms.update(sam_loss=nan, sam_weight=nan, sam_time_s=nan, sam_valid_fraction=nan,
                          sam_pseudo_dice=nan, prompt_dice=nan)
@@ -123,4 +322,28 @@ class nnUNetTrainerSemiSAM(nnUNetTrainerMeanTeacher):
             terms["prompt_dice"] = torch.tensor(multiclass_dice(student_probs.argmax(1), reference, k))
         else:
             terms.update(sam_pseudo_dice=nan, prompt_dice=nan)
+        return terms
+
+    def _cached_sam_losses(self, terms: Dict[str, torch.Tensor], student_u: Outputs) -> Dict[str, torch.Tensor]:
+        nan = torch.tensor(float("nan"))
+        if self.sam_cache.current_generation() is None:
+            # before the first refresh: no SAM loss at all (the loader's padding would read as background)
+            terms.update(sam_loss=nan, sam_weight=nan, sam_time_s=nan, sam_valid_fraction=nan,
+                         sam_pseudo_dice=nan, prompt_dice=nan)
+            return terms
+        targets = self._unlabeled_targets
+        if isinstance(student_u, (list, tuple)) and self.ssl_config["sam_loss_scales"] == "all":
+            pairs = [self._cached_pseudo_label(t) for t in targets]
+            sam_loss = self.sam_loss(list(student_u), [p for p, _ in pairs], [v for _, v in pairs])
+            valid = pairs[0][1]
+        else:
+            full = targets[0] if isinstance(targets, (list, tuple)) else targets
+            probabilities, valid = self._cached_pseudo_label(full)
+            output = student_u[0] if isinstance(student_u, (list, tuple)) else student_u
+            sam_loss = self.sam_loss(output, probabilities, valid, None)
+        w = self.sam_weight()
+        stat = lambda key: torch.tensor(self._sam_cache_stats.get(key, float("nan")))  # noqa: E731
+        terms.update(sam_term=w * sam_loss, sam_loss=sam_loss.detach(), sam_weight=torch.tensor(w),
+                     sam_time_s=nan, sam_valid_fraction=valid.float().mean(),
+                     sam_pseudo_dice=stat("sam_pseudo_dice"), prompt_dice=stat("prompt_dice"))
         return terms

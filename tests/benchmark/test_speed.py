@@ -26,6 +26,16 @@ class nnUNetTrainerMeanTeacherTwiceAsSlow(nnUNetTrainerMeanTeacher):
         return out
 
 
+class nnUNetTrainerMeanTeacherPeriodic(nnUNetTrainerMeanTeacher):
+    """Mean Teacher plus stand-in SAM work done outside the step (as cached pseudo-labels are): 0.3 s once per
+    15 iterations."""
+
+    def timed_periodic_sam_work(self):
+        t0 = time.perf_counter()
+        time.sleep(0.3)
+        return time.perf_counter() - t0, 15
+
+
 def _settings(**kw):
     base = dict(dataset=DATASET_NAME, configuration=CONFIG, fold=0, device="cpu", warmup=0, iters=3, num_batches=2,
                 data_iters=2)
@@ -67,6 +77,20 @@ def test_slower_trainer_shows_a_higher_ratio_on_the_same_batches(nnunet_env):
     assert mt["peak_memory_mib"] > ref["peak_memory_mib"] > 0
     # the trainers wrote nothing into the real results folder
     assert os.listdir(nnunet_env.results) == []
+
+
+def test_periodic_sam_work_is_amortised_over_the_iterations_it_serves(nnunet_env):
+    report = speed.run_benchmark([nnUNetTrainerMeanTeacherPeriodic], _settings(iters=2, num_batches=1, data_iters=1),
+                                 log=lambda m: None)
+    ref, periodic = report["trainers"]
+    assert ref["periodic_ms_per_iteration"] is None and ref["ratio_incl_periodic"] is None
+    assert periodic["periodic_serves_iterations"] == 15 and periodic["periodic_s"] >= 0.3
+    assert periodic["periodic_ms_per_iteration"] == pytest.approx(periodic["periodic_s"] * 1000 / 15)
+    step = periodic["step_ms"]["median"]
+    per_it = periodic["periodic_ms_per_iteration"]
+    assert periodic["ratio_incl_periodic"] == pytest.approx((step + per_it) / ref["step_ms"]["median"])
+    assert periodic["sam_share"] == pytest.approx(per_it / (step + per_it))
+    assert "(periodic)" in speed.format_table(report)
 
 
 def test_cli_prints_the_table_and_writes_json(nnunet_env, tmp_path, capsys):
