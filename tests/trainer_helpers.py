@@ -11,7 +11,8 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from conftest import CONFIG
 
 
-def make_trainer(trainer_class, env, fold=0, continue_training=False, use_overrides=True, **overrides):
+def make_trainer(trainer_class, env, fold=0, continue_training=False, use_overrides=True, configuration=CONFIG,
+                 **overrides):
     """A trainer on the tiny dataset, on CPU. ``overrides`` (on top of a short schedule) become
     nnUNet_samssl_overrides; ``use_overrides=False`` sets none (as a user resuming with a bare ``--c``)."""
     text = " ".join(f"{k}={_yaml(v)}" for k, v in {"num_epochs": 2, "num_iterations_per_epoch": 2,
@@ -21,7 +22,7 @@ def make_trainer(trainer_class, env, fold=0, continue_training=False, use_overri
         plans = load_json(os.path.join(env.dataset_pp, "nnUNetPlans.json"))
         plans["continue_training"] = continue_training
         dataset_json = load_json(os.path.join(env.dataset_pp, "dataset.json"))
-        return trainer_class(plans, CONFIG, fold, dataset_json, device=torch.device("cpu"))
+        return trainer_class(plans, configuration, fold, dataset_json, device=torch.device("cpu"))
     finally:
         del os.environ["nnUNet_samssl_overrides"]
 

@@ -215,14 +215,10 @@ class nnUNetTrainerSemiSAM(nnUNetTrainerMeanTeacher):
                     student = self._sliding_window_probabilities("student", image)
                     teacher = self._sliding_window_probabilities("teacher", image) \
                         if self._needs_teacher_probabilities() else None
-                    pseudo = self.sam_labeler(image[None].to(self.device), student[None],
-                                              None if teacher is None else teacher[None],
-                                              patch_spacing=self.configuration_manager.spacing,
-                                              generator=self.sam_generator)
-                    hard = pseudo.hard_label[0]
-                    stored = torch.where(pseudo.valid[0], hard, torch.full_like(hard, k))
+                    hard, valid = self._label_whole_case(image, student, teacher)
+                    stored = torch.where(valid, hard, torch.full_like(hard, k))
                     self.sam_cache.write_case(name, case, stored.cpu().numpy(), self.configuration_manager.patch_size)
-                    valid_fraction.append(float(pseudo.valid.float().mean()))
+                    valid_fraction.append(float(valid.float().mean()))
                     if diagnose and case in demoted:  # logged only: nothing here reaches a loss or a prompt
                         reference = torch.from_numpy(np.asarray(dataset.load_hidden_label(case)[:])[0].astype(np.int64))
                         reference = reference.to(self.device)[None]
@@ -248,6 +244,19 @@ class nnUNetTrainerSemiSAM(nnUNetTrainerMeanTeacher):
                                                f"{self._sam_cache_stats['sam_pseudo_dice']:.4f}, prompting prediction "
                                                f"{self._sam_cache_stats['prompt_dice']:.4f}" if sam_dice else ""))
         return seconds
+
+    def _label_whole_case(self, image: torch.Tensor, student: torch.Tensor,
+                          teacher: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """SAM hard labels and validity ``(*shape)`` of a whole case ``(C, *shape)`` from the softmax maps
+        ``(K, *shape)``. A 2D configuration labels the case's slices (its patch axes) as one batch."""
+        as_batch = (lambda t: t.movedim(1, 0)) if len(self.configuration_manager.patch_size) == 2 \
+            else (lambda t: t[None])
+        pseudo = self.sam_labeler(as_batch(image.to(self.device)), as_batch(student),
+                                  None if teacher is None else as_batch(teacher),
+                                  patch_spacing=self.configuration_manager.spacing, generator=self.sam_generator)
+        if len(self.configuration_manager.patch_size) == 2:
+            return pseudo.hard_label, pseudo.valid
+        return pseudo.hard_label[0], pseudo.valid[0]
 
     def timed_periodic_sam_work(self) -> Optional[Tuple[float, int]]:
         """For speed benchmarks: (seconds of one pseudo-label refresh, training iterations it serves), or None
