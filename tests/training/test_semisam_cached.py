@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from test_mean_teacher_trainer import _corrupt_labels
-from test_semisam_trainer import SAM, tiny_sam  # noqa: F401  (autouse fixture)
+from test_semisam_trainer import SAM, tiny_sam  # noqa: F401  (tiny_sam: an autouse fixture)
 from trainer_helpers import make_trainer, seed_everything, student_state
 from nnunetv2_samssl.config.schema import ConfigError
 from nnunetv2_samssl.training.nnUNetTrainerSemiSAM import nnUNetTrainerSemiSAM
@@ -129,3 +129,26 @@ def test_periodic_work_is_reported_for_benchmarks(nnunet_env):
 def test_cached_mode_rejects_settings_that_cannot_work(nnunet_env, extra, message):
     with pytest.raises(ConfigError, match=message):
         make_trainer(nnUNetTrainerSemiSAM, nnunet_env, **{**CACHED, **extra})
+
+
+def test_all_deep_supervision_scales_and_dice_ce_on_cached_labels(nnunet_env):
+    seed_everything(3)
+    trainer = make_trainer(nnUNetTrainerSemiSAM, nnunet_env, **{**CACHED, "sam_loss_scales": "all",
+                                                                 "sam_loss": "dice_ce"})
+    trainer.on_train_start()
+    trainer.current_epoch = 1
+    trainer.on_train_epoch_start()
+    x_u, _ = trainer.next_unlabeled_batch()
+    targets = trainer._unlabeled_targets
+    assert isinstance(targets, list) and len(targets) == len(trainer._get_deep_supervision_scales())
+    student = trainer.network(x_u)
+    terms = trainer.ssl_losses(x_u, student, [o.detach() for o in student])
+    assert torch.isfinite(terms["sam_term"]) and terms["sam_valid_fraction"] > 0
+    terms["sam_term"].backward()  # the cached labels supervise every scale
+    # every output head gets a gradient except the lowest-resolution one, whose deep-supervision weight is 0
+    no_grad = {name for name, p in trainer.network.named_parameters() if p.grad is None}
+    lowest = {f"decoder.seg_layers.0.{n}" for n, _ in trainer.network.decoder.seg_layers[0].named_parameters()}
+    assert no_grad == lowest
+    for i in range(1, len(trainer.network.decoder.seg_layers)):
+        assert trainer.network.decoder.seg_layers[i].weight.grad.abs().sum() > 0
+    trainer.on_train_end()
