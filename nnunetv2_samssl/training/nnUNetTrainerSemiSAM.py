@@ -90,7 +90,8 @@ class nnUNetTrainerSemiSAM(nnUNetTrainerMeanTeacher):
         self.sam_generator = torch.Generator(device=self.device).manual_seed(12345 + self.local_rank)
         self.sam_cache = PseudoLabelCache(os.path.join(self.output_folder, "sam_pseudo_labels"),
                                           self.label_manager.num_segmentation_heads) if self.sam_cached else None
-        self._sam_resume: Optional[Tuple[Optional[str]]] = None  # (generation,) of a loaded checkpoint
+        self._sam_resume_generation: Optional[str] = None  # the generation a loaded checkpoint trained with
+        self._sam_generation: Optional[str] = None  # the generation the unlabeled batches carry (None: none yet)
         self._sam_cache_stale = False
         self._sam_cache_stats: Dict[str, float] = {}
         self._sam_predictors: Dict[str, Any] = {}
@@ -127,10 +128,11 @@ class nnUNetTrainerSemiSAM(nnUNetTrainerMeanTeacher):
         """Fresh training: a cache left by an earlier run in this folder is deleted. Resumed training: the
         generation the checkpoint trained with becomes current again, or is rebuilt at once if it is gone."""
         rank0 = not self.is_ddp or dist.get_rank() == 0
-        generation = self._sam_resume[0] if self._sam_resume is not None else None
+        generation = self._sam_resume_generation
         if generation is not None and self.sam_cache.has_generation(generation):
             if rank0:
                 self.sam_cache.activate(generation)
+            self._sam_generation = generation
         else:
             if generation is not None:
                 self.print_to_log_file(f"WARNING: the SAM pseudo-labels this checkpoint trained with "
@@ -154,17 +156,13 @@ class nnUNetTrainerSemiSAM(nnUNetTrainerMeanTeacher):
     @contextlib.contextmanager
     def _plain_outputs(self) -> Iterator[None]:
         """Student and teacher return full-resolution logits only (no deep-supervision list) inside."""
-        modules = [unwrap(self.network), self.teacher.module]
-        before = [getattr(m.decoder, "deep_supervision", None) for m in modules]
-        for m in modules:
-            if hasattr(m.decoder, "deep_supervision"):
-                m.decoder.deep_supervision = False
+        self.set_deep_supervision_enabled(False)
+        self.teacher.module.decoder.deep_supervision = False
         try:
             yield
         finally:
-            for m, b in zip(modules, before):
-                if b is not None:
-                    m.decoder.deep_supervision = b
+            self.set_deep_supervision_enabled(self.enable_deep_supervision)
+            self.teacher.module.decoder.deep_supervision = self.enable_deep_supervision
 
     def _sliding_window_probabilities(self, which: str, image: torch.Tensor) -> torch.Tensor:
         """Softmax ``(K, *shape)`` of the student or teacher on a whole case (nnU-Net's sliding window, no
@@ -233,11 +231,11 @@ class nnUNetTrainerSemiSAM(nnUNetTrainerMeanTeacher):
             self.sam_cache.publish(name)
         if self.is_ddp:
             dist.barrier()
+        self._sam_generation = name
         self._sam_cache_stale = False
         seconds = time.perf_counter() - start
         nanmean = lambda v: float(np.nanmean(v)) if v and not np.all(np.isnan(v)) else float("nan")  # noqa: E731
-        self._sam_cache_stats = {"sam_pseudo_dice": nanmean(sam_dice), "prompt_dice": nanmean(prompt_dice),
-                                 "refresh_s": seconds}
+        self._sam_cache_stats = {"sam_pseudo_dice": nanmean(sam_dice), "prompt_dice": nanmean(prompt_dice)}
         self.print_to_log_file(
             f"SAM pseudo-labels {name}: {len(valid_fraction)} unlabeled cases in {seconds:.1f} s, covered fraction "
             f"{nanmean(valid_fraction):.3f}" + (f", Dice vs hidden labels (logged only): SAM "
@@ -286,25 +284,22 @@ class nnUNetTrainerSemiSAM(nnUNetTrainerMeanTeacher):
     def extra_checkpoint_state(self) -> Dict[str, Any]:
         state = super().extra_checkpoint_state()
         if self.sam_cached:
-            state["sam_cache_generation"] = self.sam_cache.current_generation()
+            state["sam_cache_generation"] = self._sam_generation
         return state
 
     def load_extra_checkpoint_state(self, state: Mapping[str, Any]) -> None:
         super().load_extra_checkpoint_state(state)
         if self.sam_cached:
-            self._sam_resume = (state.get("sam_cache_generation"),)
+            self._sam_resume_generation = state.get("sam_cache_generation")
 
     # ------------------------------------------------------------------ one iteration
     def ssl_losses(self, x_u: torch.Tensor, student_u: Outputs, teacher_u: Outputs,
                    hidden_labels: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         terms = super().ssl_losses(x_u, student_u, teacher_u, hidden_labels)
-        nan = torch.tensor(float("nan"))
         if self.sam_cached:
             return self._cached_sam_losses(terms, student_u)
         if not self.runs_sam_now():
-            terms.update(sam_loss=nan, sam_weight=nan, sam_time_s=nan, sam_valid_fraction=nan,
-                         sam_pseudo_dice=nan, prompt_dice=nan)
-            return terms
+            return self._without_sam(terms)
         full_res = lambda o: o[0] if isinstance(o, (list, tuple)) else o  # noqa: E731
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -330,16 +325,23 @@ class nnUNetTrainerSemiSAM(nnUNetTrainerMeanTeacher):
             terms["sam_pseudo_dice"] = torch.tensor(multiclass_dice(pseudo.hard_label, reference, k))
             terms["prompt_dice"] = torch.tensor(multiclass_dice(student_probs.argmax(1), reference, k))
         else:
+            nan = torch.tensor(float("nan"))
             terms.update(sam_pseudo_dice=nan, prompt_dice=nan)
         return terms
 
-    def _cached_sam_losses(self, terms: Dict[str, torch.Tensor], student_u: Outputs) -> Dict[str, torch.Tensor]:
+    @staticmethod
+    def _without_sam(terms: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The SAM metrics of a step without SAM loss (NaN: not averaged into the epoch's log)."""
         nan = torch.tensor(float("nan"))
-        if self.sam_cache.current_generation() is None:
+        terms.update(sam_loss=nan, sam_weight=nan, sam_time_s=nan, sam_valid_fraction=nan, sam_pseudo_dice=nan,
+                     prompt_dice=nan)
+        return terms
+
+    def _cached_sam_losses(self, terms: Dict[str, torch.Tensor], student_u: Outputs) -> Dict[str, torch.Tensor]:
+        if self._sam_generation is None:
             # before the first refresh: no SAM loss at all (the loader's padding would read as background)
-            terms.update(sam_loss=nan, sam_weight=nan, sam_time_s=nan, sam_valid_fraction=nan,
-                         sam_pseudo_dice=nan, prompt_dice=nan)
-            return terms
+            return self._without_sam(terms)
+        nan = torch.tensor(float("nan"))
         targets = self._unlabeled_targets
         if isinstance(student_u, (list, tuple)) and self.ssl_config["sam_loss_scales"] == "all":
             pairs = [self._cached_pseudo_label(t) for t in targets]
