@@ -11,6 +11,8 @@ from nnunetv2_samssl.prompts import (SemiSAMPointSampler, foreground_class_queri
                                      probability_variance, prompt_uncertainty, semisam_points,
                                      student_teacher_disagreement)
 from nnunetv2_samssl.prompts.semisam_points import dilate, erode, erosion_depth
+from nnunetv2_samssl.sam.branch import SamPseudoLabeler
+from sam_fakes import SPACE_3D, FakeSam
 
 LABEL_LIKE = {"label", "labels", "target", "targets", "gt", "ground_truth", "seg", "segmentation", "y"}
 
@@ -178,18 +180,54 @@ def test_prompt_api_takes_no_label(fn):
     assert not names & LABEL_LIKE
 
 
+def _sam_branch_prompts(images, probs, hidden_label, seed):
+    """Every prompt the SAM branch sends (points and point labels of each decoder call, recorded by FakeSam) and
+    its pseudo-label probabilities, with ``hidden_label`` stashed on the labeler and on the model."""
+    model = FakeSam(SPACE_3D, radius=4.0)  # small radius: SAM misses part of the object, so clicks follow
+    labeler = SamPseudoLabeler(model, mode="point", num_clicks=3, num_positive=2, num_negative=2, negative_band=3)
+    labeler.hidden_labels = model.hidden_labels = hidden_label  # where a diagnostics shortcut could stash it
+    out = labeler(images, probs, patch_spacing=(1.5, 1.5, 1.5), generator=torch.Generator().manual_seed(seed))
+    prompts = [(c["points"], c["labels"]) for c in model.calls]
+    to_patch = labeler.mapper((1.5, 1.5, 1.5)).to_model(images, (probs.argmax(1) > 0).unsqueeze(1),
+                                                         keep_empty=False).points_to_patch
+    return prompts, out.probabilities, to_patch
+
+
+def same_prompts(a, b):
+    return len(a) == len(b) and all(torch.equal(pa, pb) and torch.equal(la, lb) for (pa, la), (pb, lb) in zip(a, b))
+
+
 def test_hidden_labels_cannot_influence_prompts():
-    """A 'poisoned' ground truth disagrees with the prediction; prompts must follow the prediction only."""
-    probs, core, rim, doubtful = make_prediction()
-    hidden_label = ball((24, 32, 32), (18, 6, 26), 4)  # an object the prediction does not see
-    sampler = SemiSAMPointSampler(num_positive=10, num_negative=10, band_radius=3)
-    runs = []
-    for label in (hidden_label, ~hidden_label, torch.zeros_like(hidden_label)):
-        _ = label  # exists in scope, cannot be passed: the API has no slot for it
-        runs.append(sampler(probs, generator=torch.Generator().manual_seed(1)))
-    assert all(torch.equal(r.points, runs[0].points) and torch.equal(r.labels, runs[0].labels) for r in runs)
-    positives = runs[0].points[0][runs[0].labels[0] == 1]
-    assert not bool(at(hidden_label, positives).any()) and bool(at(core, positives).all())
+    """The SAM branch's prompts (initial SemiSAM points via ``semisam_points``, then ``next_click`` clicks) are a
+    function of (prediction, uncertainty, generator seed) only.
+
+    The API has no label slot (``test_prompt_api_takes_no_label`` and the branch's signature test); this test
+    covers what a signature cannot: the hidden label of the unlabeled case is within reach, on the labeler and the
+    model, and the image shows the object the prediction missed. Four wildly different hidden labels (the missed
+    object alone, the full truth, nothing, everything but the prediction) must give bit-identical prompts and
+    pseudo-labels, no positive prompt may land on the missed object, and the same recording must change when the
+    prediction or the seed changes, so identical prompts are not a sign of a probe that sees nothing. A sampler
+    that mixed a label into its points or used it as the click reference would break the identity.
+    """
+    probs, core, rim, _ = make_prediction()
+    shape = tuple(core.shape)
+    missed = ball(shape, (18, 6, 26), 4)  # a true object the prediction does not see
+    images = (core | rim | missed).float()[None, None]
+    predicted = probs.argmax(1)[0] == 1
+    labels = (missed, core | rim | missed, torch.zeros(shape, dtype=torch.bool), ~predicted)
+    reference, reference_probs, to_patch = _sam_branch_prompts(images, probs, labels[0][None], seed=1)
+    assert len(reference) == 3 and int((reference[-1][1] == 1).sum()) >= 3  # initial points plus clicks
+    for label in labels[1:]:
+        prompts, pseudo, _ = _sam_branch_prompts(images, probs, label[None], seed=1)
+        assert same_prompts(prompts, reference)
+        assert torch.equal(pseudo, reference_probs)
+    points, point_labels = reference[-1]
+    positives = to_patch(points)[0][point_labels[0] == 1].round()
+    assert bool(at(predicted, positives).all()) and not bool(at(missed, positives).any())
+    # the probe is sensitive to the legitimate inputs
+    moved, _, _ = _sam_branch_prompts(images, probs.roll(3, -1), labels[0][None], seed=1)
+    reseeded, _, _ = _sam_branch_prompts(images, probs, labels[0][None], seed=2)
+    assert not same_prompts(moved, reference) and not same_prompts(reseeded, reference)
 
 
 # ---------------------------------------------------------------------------------------------------- click loop

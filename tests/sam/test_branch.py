@@ -103,12 +103,27 @@ def test_sam_recovers_what_an_uncertain_student_misses():
 
 
 def test_deterministic_with_generator():
+    """Equal seeds give bit-identical prompts and pseudo-labels even when the global RNG differs between the runs
+    (the draws come from the generator, not the global state); another seed gives other prompts and another
+    pseudo-label. With a small SAM radius (3 model voxels on an object of radius ~9-14), where the random initial
+    points land decides what SAM segments, so the seed must show in the output."""
     images, probs = scene()
-    runs = []
-    for _ in range(2):
-        labeler = SamPseudoLabeler(FakeSam(SPACE_3D, radius=3.0), mode="point", num_clicks=3, num_negative=2)
-        runs.append(labeler(images, probs, patch_spacing=SPACING, generator=torch.Generator().manual_seed(4)))
-    assert torch.equal(runs[0].probabilities, runs[1].probabilities)
+
+    def run(seed, global_seed):
+        model = FakeSam(SPACE_3D, radius=3.0)
+        labeler = SamPseudoLabeler(model, mode="point", num_clicks=3, num_positive=2, num_negative=2)
+        with torch.random.fork_rng():
+            torch.manual_seed(global_seed)
+            out = labeler(images, probs, patch_spacing=SPACING, generator=torch.Generator().manual_seed(seed))
+        return [(c["points"], c["labels"]) for c in model.calls], out.probabilities
+
+    (prompts_a, probs_a), (prompts_b, probs_b), (prompts_c, probs_c) = run(4, 0), run(4, 1), run(5, 0)
+    assert len(prompts_a) == len(prompts_b) == 3
+    assert all(torch.equal(pa, pb) and torch.equal(la, lb) for (pa, la), (pb, lb) in zip(prompts_a, prompts_b))
+    assert torch.equal(probs_a, probs_b)
+    assert not torch.equal(prompts_a[0][0], prompts_c[0][0])  # other initial points ...
+    assert not torch.equal(probs_a, probs_c)  # ... and another pseudo-label
+    assert float((probs_a - probs_c).abs().max()) > 0.5  # not a rounding-level difference
 
 
 # ---------------------------------------------------------------------------------------------------- mask mode
@@ -301,7 +316,7 @@ def test_max_crops_caps_the_encoder_batch():
     probs = torch.zeros(1, 2, 10, 16, 16)
     probs[:, 1, :, 4:12, 4:12] = 1.0
     probs[:, 0] = 1 - probs[:, 1]
-    labeler = SamPseudoLabeler(model, "point", num_clicks=1, max_crops=3)
+    labeler = SamPseudoLabeler(model, mode="point", num_clicks=1, max_crops=3)
     out = labeler(torch.randn(1, 1, 10, 16, 16), probs, patch_spacing=(2.0, 1.0, 1.0),
                   generator=torch.Generator().manual_seed(0))
     assert model.encoded == 3 and out.stats["num_crops"] == 3

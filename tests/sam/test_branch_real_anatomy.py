@@ -47,7 +47,7 @@ def test_sam_branch_turns_a_degraded_prediction_into_a_better_pseudo_label(case,
     images = torch.from_numpy(image[slices]).float()[:, None]
 
     # the settings nnUNetTrainerSemiSAM uses for LiteMedSAM by default (sam_roi_margin null -> 0.3, sam_box_margin 10)
-    labeler = SamPseudoLabeler(lite, "point", prompt_kind="boxes", num_clicks=1, roi_margin=0.3, box_margin=10)
+    labeler = SamPseudoLabeler(lite, mode="point", prompt_kind="boxes", num_clicks=1, roi_margin=0.3, box_margin=10)
     out = labeler(images, probs, patch_spacing=case.spacing_mm[1:], generator=torch.Generator().manual_seed(0))
     pseudo = out.hard_label.numpy() == 1
 

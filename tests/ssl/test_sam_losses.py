@@ -103,17 +103,35 @@ def test_no_valid_voxel_gives_a_differentiable_zero():
         assert float(grad.abs().sum()) == 0.0
 
 
-def test_dice_ce_matches_manual_computation():
+@pytest.mark.parametrize("batch_dice", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_dice_ce_matches_manual_computation(batch_dice, masked):
+    """``dice_ce_loss`` against nnU-Net's own ``DC_and_CE_loss`` built as ``nnUNetTrainer._build_loss`` builds it
+    for label (non-region) datasets: ``MemoryEfficientSoftDiceLoss`` with ``smooth=1e-5, do_bg=False`` and the
+    configuration's ``batch_dice``, plain CE, weights 1 / 1 (``ddp=False``: single process). Target = the hard
+    pseudo-label ``argmax``. The one deliberate difference: nnU-Net returns ``CE - Dice``, we return
+    ``CE + (1 - Dice)``, so the values differ by exactly ``weight_dice * 1`` and the gradients are identical.
+    Invalid voxels map onto nnU-Net's ignore label (``K``: excluded from CE and, through ``loss_mask``, from Dice).
+    """
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
     logits, target, valid, _ = setup(4)
-    hard = target.argmax(1)
-    ce = torch.nn.functional.cross_entropy(logits, hard, reduction="none")[valid].mean()
-    p = torch.softmax(logits, 1)
-    one_hot = torch.nn.functional.one_hot(hard, 3).movedim(-1, 1).float()
-    m = valid.unsqueeze(1).float()
-    inter = (p * one_hot * m).sum((0, 2, 3, 4))
-    denom = ((p + one_hot) * m).sum((0, 2, 3, 4))
-    dice = ((2 * inter + 1e-5) / (denom + 1e-5))[1:].mean()
-    assert torch.allclose(dice_ce_loss(logits, target, valid), ce + 1 - dice, atol=1e-6)
+    num_classes = logits.shape[1]
+    hard = target.argmax(1, keepdim=True)
+    if not masked:
+        valid = torch.ones_like(valid)
+    nnunet_target = torch.where(valid.unsqueeze(1), hard, num_classes) if masked else hard
+    reference_loss = DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                                    weight_ce=1, weight_dice=1, ignore_label=num_classes if masked else None,
+                                    dice_class=MemoryEfficientSoftDiceLoss)
+    reference = reference_loss(logits, nnunet_target.float()) + 1.0  # nnU-Net: CE - Dice; ours: CE + 1 - Dice
+    ours = dice_ce_loss(logits, target, valid if masked else None, batch_dice=batch_dice)
+    assert torch.allclose(ours, reference, rtol=1e-6, atol=1e-6)
+    grad_ours, = torch.autograd.grad(ours, logits)
+    grad_reference, = torch.autograd.grad(reference, logits)
+    assert torch.allclose(grad_ours, grad_reference, rtol=1e-5, atol=1e-8)
+    assert float(grad_ours.abs().max()) > 0.0
 
 
 def test_module_forms_and_deep_supervision_lists():
