@@ -183,16 +183,20 @@ def fold_split(dataset: str, configuration: str, fold: int, plans_identifier: st
 
 
 def trainer_kind(trainer: Union[str, type]) -> Tuple[type, str]:
-    """(class, 'supervised' | 'semi-supervised'); raises for trainers the protocol cannot restrict to N cases."""
+    """(class, 'supervised' | 'semi-supervised'); raises for trainers the protocol cannot restrict to N cases.
+
+    The supervised baseline is checked first: ``nnUNetTrainerLabeledSubset`` (and its subclasses) is
+    'supervised' whether or not it derives from ``nnUNetTrainerSSLBase``.
+    """
     from nnunetv2_samssl.benchmark.speed import find_trainer_class
     from nnunetv2_samssl.training.nnUNetTrainerLabeledSubset import nnUNetTrainerLabeledSubset
     from nnunetv2_samssl.training.ssl_trainer import nnUNetTrainerSSLBase
 
     cls = find_trainer_class(trainer)
-    if issubclass(cls, nnUNetTrainerSSLBase):
-        return cls, "semi-supervised"
     if issubclass(cls, nnUNetTrainerLabeledSubset):
         return cls, "supervised"
+    if issubclass(cls, nnUNetTrainerSSLBase):
+        return cls, "semi-supervised"
     raise ProtocolError(f"{cls.__name__} cannot be restricted to N labeled cases. The supervised baseline "
                         f"({BASELINE_TRAINER}, plain nnU-Net training on the N cases) is always run; -tr takes "
                         f"semi-supervised trainers of this package.")

@@ -7,7 +7,9 @@ Everything goes through the stock nnU-Net commands, as a user would type them:
 3. train, with the same few labeled cases: ``nnUNetTrainerLabeledSubset`` (labeled-only nnU-Net),
    ``nnUNetTrainerMeanTeacher`` and ``nnUNetTrainerSemiSAM`` (real LiteMedSAM weights, slice by slice),
    the latter two also using every unlabeled image;
-4. ``nnUNetv2_predict`` the held-out cases and print their Dice per class.
+4. ``nnUNetv2_predict`` the held-out cases and print their Dice per class (nnU-Net's
+   ``compute_metrics_on_folder``; a class absent from both prediction and reference of a case has no Dice
+   there and is left out of that class's mean, as in nnU-Net's ``summary.json``).
 
 Finished steps are reused when the command is run again on the same work folder.
 """
@@ -19,9 +21,12 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List, Sequence
+from typing import TYPE_CHECKING, Dict, List, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from nnunetv2_samssl.evaluation.metrics import FolderDice
 
 DATASET_ID = 901
 DATASET = "Dataset901_SamsslDemo"
@@ -33,7 +38,7 @@ TRAINERS: Dict[str, str] = {
     "nnUNetTrainerMeanTeacher": "",
     "nnUNetTrainerSemiSAM": "sam_backend=litemedsam sam_num_clicks=3 sam_every=4 sam_max_crops=2",
 }
-LABELS = {"organ": 1, "lesion": 2}
+FILE_ENDING = ".nii.gz"  # of the demo dataset
 
 
 def _bin(name: str) -> str:
@@ -54,18 +59,43 @@ def _run(args: Sequence[str], env: Dict[str, str], log: str) -> None:
     print(f"  done in {time.time() - start:.0f} s", flush=True)
 
 
-def dice_per_class(prediction_folder: str, reference_folder: str, labels: Dict[str, int]) -> Dict[str, float]:
-    """Mean Dice per class over the cases of ``reference_folder`` (case files ``*.nii.gz``)."""
-    import SimpleITK as sitk
-    scores: Dict[str, List[float]] = {name: [] for name in labels}
-    for f in sorted(os.listdir(reference_folder)):
-        ref = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(reference_folder, f)))
-        pred = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(prediction_folder, f)))
-        for name, value in labels.items():
-            r, p = ref == value, pred == value
-            denominator = r.sum() + p.sum()
-            scores[name].append(1.0 if denominator == 0 else 2.0 * np.logical_and(r, p).sum() / denominator)
-    return {name: float(np.mean(v)) for name, v in scores.items()}
+def evaluate_predictions(prediction_folder: str, raw_dataset_folder: str, num_processes: int = None) -> FolderDice:
+    """Dice per class of the held-out predictions against ``labelsTs``, by nnU-Net's ``compute_metrics_on_folder``
+    (reader/writer, file ending and labels of the dataset's ``dataset.json``); nnU-Net's ``summary.json`` is
+    saved in ``prediction_folder``.
+
+    A test case where a class is absent from both its prediction and its reference has no Dice for that class
+    (NaN, nnU-Net's convention) and is left out of the class's mean over the cases; the class mean is NaN only
+    when that holds for every test case. Returns a :class:`nnunetv2_samssl.evaluation.metrics.FolderDice`.
+    """
+    from nnunetv2_samssl.evaluation.metrics import dice_per_class_on_folders
+    return dice_per_class_on_folders(prediction_folder, os.path.join(raw_dataset_folder, "labelsTs"),
+                                     os.path.join(raw_dataset_folder, "dataset.json"),
+                                     output_file=os.path.join(prediction_folder, "summary.json"),
+                                     num_processes=num_processes)
+
+
+def results_table(results: Dict[str, FolderDice], title: str) -> str:
+    """The printed table: one row per trainer, the mean Dice of each class and nnU-Net's foreground mean."""
+    classes = list(next(iter(results.values())).per_class) if results else []
+    lines = [title, f"{'trainer':32s} " + " ".join(f"{n:>8s}" for n in classes) + "     mean"]
+    for trainer, scores in results.items():
+        values = [scores.per_class[n] for n in classes] + [scores.mean]
+        lines.append(f"{trainer:32s} " + " ".join(f"{v:8.3f}" for v in values))
+    lines += ["Per class: mean Dice over the test cases (nnU-Net's compute_metrics_on_folder). A case where a class is "
+              "absent from both",
+              "prediction and reference has no Dice for it and is left out (nnU-Net's convention); nan = absent from "
+              "both in every case.",
+              "mean: nnU-Net's foreground mean, the mean of the class columns (nan if one of them is nan)."]
+    return "\n".join(lines)
+
+
+def _case_files(folder: str) -> List[str]:
+    return sorted(f for f in os.listdir(folder) if f.endswith(FILE_ENDING)) if os.path.isdir(folder) else []
+
+
+def _json_number(value: float):
+    return None if np.isnan(value) else value
 
 
 def main(argv: Sequence[str] = None) -> None:
@@ -109,20 +139,17 @@ def main(argv: Sequence[str] = None) -> None:
             _run(["nnUNetv2_train", str(DATASET_ID), CONFIG, "0", "-tr", trainer, "-device", "cpu", *resume],
                  dict(train_env, nnUNet_samssl_overrides=overrides), log)
         prediction = os.path.join(work, "predictions", trainer)
-        if not os.path.isdir(prediction) or len(os.listdir(prediction)) < len(os.listdir(os.path.join(raw, "imagesTs"))):
+        if not set(_case_files(os.path.join(raw, "labelsTs"))) <= set(_case_files(prediction)):
             _run(["nnUNetv2_predict", "-i", os.path.join(raw, "imagesTs"), "-o", prediction, "-d", str(DATASET_ID),
                   "-c", CONFIG, "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
                   "--disable_tta"], env, log)
-        results[trainer] = dice_per_class(prediction, os.path.join(raw, "labelsTs"), LABELS)
+        results[trainer] = evaluate_predictions(prediction, raw, int(env["nnUNet_def_n_proc"]))
 
-    print(f"\nHeld-out Dice ({len(os.listdir(os.path.join(raw, 'labelsTs')))} test cases, {args.num_labeled} labeled "
-          f"training cases, {args.epochs} x {args.iterations} iterations on CPU):")
-    print(f"{'trainer':32s} " + " ".join(f"{n:>8s}" for n in LABELS) + "     mean")
-    for trainer, scores in results.items():
-        values = list(scores.values())
-        print(f"{trainer:32s} " + " ".join(f"{v:8.3f}" for v in values) + f" {np.mean(values):8.3f}")
-    with open(os.path.join(work, "demo_results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    print("\n" + results_table(results, f"Held-out Dice ({len(_case_files(os.path.join(raw, 'labelsTs')))} test "
+                                        f"cases, {args.num_labeled} labeled training cases, {args.epochs} x "
+                                        f"{args.iterations} iterations on CPU):"))
+    with open(os.path.join(work, "demo_results.json"), "w") as f:  # null = class absent from every test case
+        json.dump({t: {n: _json_number(v) for n, v in r.per_class.items()} for t, r in results.items()}, f, indent=2)
 
 
 if __name__ == "__main__":
