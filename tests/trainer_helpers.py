@@ -5,6 +5,7 @@ import os
 import random
 
 import numpy as np
+import pytest
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
@@ -52,3 +53,23 @@ def run_iterations(trainer, n: int):
     trainer.on_train_epoch_start()
     outs = [trainer.train_step(next(trainer.dataloader_train)) for _ in range(n)]
     return outs
+
+
+# a tiny random-weight SAM-Med3D instead of the configured backend: use `tiny_sam` as an autouse fixture
+# (``from trainer_helpers import SAM, tiny_sam``) and pass ``**SAM`` as trainer settings
+SAM = dict(sam_backend="sam_med3d", sam_random_init=True, sam_num_clicks=3)
+BUILT = []  # (backend, checkpoint, kwargs) of every promptable model the trainers asked for
+
+
+@pytest.fixture(autouse=True)
+def tiny_sam(monkeypatch):
+    """Every trainer gets a tiny SAM-Med3D (same structure, 32^3 input) with fixed random weights."""
+    import nnunetv2_samssl.sam.registry as registry
+    from nnunetv2_samssl.sam.sam_med3d.promptable import SAMMed3DPromptable
+
+    def build(backend, checkpoint, device, **kwargs):
+        BUILT.append((backend, checkpoint, kwargs))
+        torch.manual_seed(0)
+        return SAMMed3DPromptable.from_checkpoint(None, config="tiny", device=device, random_init=True)
+
+    monkeypatch.setattr(registry, "build_promptable_model", build)

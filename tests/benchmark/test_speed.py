@@ -30,7 +30,7 @@ class nnUNetTrainerMeanTeacherPeriodic(nnUNetTrainerMeanTeacher):
     """Mean Teacher plus stand-in SAM work done outside the step (as cached pseudo-labels are): 0.3 s once per
     15 iterations."""
 
-    def timed_periodic_sam_work(self):
+    def timed_periodic_work(self):
         t0 = time.perf_counter()
         time.sleep(0.3)
         return time.perf_counter() - t0, 15

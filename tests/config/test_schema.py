@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from nnunetv2_samssl.config.schema import (MEAN_TEACHER_SCHEMA, ConfigError, bundled_config_names, parse_overrides,
-                                           resolve_config)
+from nnunetv2_samssl.config.schema import ConfigError, bundled_config_names, parse_overrides, resolve_config
+from nnunetv2_samssl.config.settings import MEAN_TEACHER_SCHEMA
 
 
 def resolve(config=None, overrides=None, environ=None):

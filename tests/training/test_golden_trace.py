@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from test_semisam_trainer import SAM, tiny_sam  # noqa: F401  (tiny_sam: an autouse fixture)
+from trainer_helpers import SAM, tiny_sam  # noqa: F401  (tiny_sam: an autouse fixture)
 from trainer_helpers import make_trainer, seed_everything
 from nnunetv2_samssl.training.nnUNetTrainerLabeledSubset import nnUNetTrainerLabeledSubset
 from nnunetv2_samssl.training.nnUNetTrainerMeanTeacher import nnUNetTrainerMeanTeacher

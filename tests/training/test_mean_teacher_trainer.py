@@ -1,4 +1,5 @@
 """nnUNetTrainerMeanTeacher in-process on the tiny dataset (CPU, single-threaded loaders)."""
+import math
 import os
 import shutil
 
@@ -6,6 +7,7 @@ import blosc2
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from trainer_helpers import make_trainer, run_iterations, seed_everything, student_state
 from nnunetv2_samssl.config.schema import ConfigError
@@ -19,7 +21,7 @@ def _grads(trainer, batch, x_u, weight):
     trainer.optimizer.step = lambda *a, **k: None  # keep the weights, look at the gradients
     trainer.after_optimizer_step = lambda: None  # keep the teacher fixed too
     trainer.consistency_weight = lambda: weight
-    trainer.next_unlabeled_batch = lambda: (x_u, None)
+    trainer.next_unlabeled_batch = lambda: x_u
     seed_everything(5)  # same teacher noise in every call
     trainer.train_step(batch)
     return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in trainer.network.parameters()]
@@ -36,7 +38,7 @@ def test_unlabeled_loss_really_changes_the_student_gradient(nnunet_env, monkeypa
         for p in trainer.teacher.module.parameters():
             p.add_(0.05 * torch.randn_like(p))
     batch = next(trainer.dataloader_train)
-    x_u, _ = trainer.next_unlabeled_batch()
+    x_u = trainer.next_unlabeled_batch()
     g0 = _grads(trainer, batch, x_u, 0.0)
     g1 = _grads(trainer, batch, x_u, 1.0)
     g2 = _grads(trainer, batch, x_u, 2.0)
@@ -92,20 +94,64 @@ def test_unlabeled_sources_combine(nnunet_env):
     assert sorted(ids) == sorted(trainer.demoted_cases + ["unl_000", "unl_001", "unl_002"])
 
 
+def _record_train_steps(trainer):
+    """Wraps ``trainer.train_step``: returns the list that collects (global step before the call, outputs)."""
+    steps = []
+    train_step = trainer.train_step
+
+    def recording(batch):
+        step = trainer.global_step
+        out = train_step(batch)
+        steps.append((step, {k: float(v) for k, v in out.items()}))
+        return out
+
+    trainer.train_step = recording
+    return steps
+
+
 def test_one_epoch_logs_ssl_metrics_and_checkpoints_the_teacher(nnunet_env):
     seed_everything(0)
     trainer = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env, num_epochs=1, predict_with="teacher")
+    steps = _record_train_steps(trainer)
     trainer.run_training()
+
+    # 1 epoch x 2 iterations: steps t = 0, 1 of T = 2
+    assert [t for t, _ in steps] == [0, 1] and trainer.total_steps == 2
+    outs = [o for _, o in steps]
+    # lambda_c(t) = 0.1 * exp(-5 (1 - t / T)^2) (consistency_weight 0.1, ramp-up over all of T)
+    expected_w = [0.1 * math.exp(-5.0 * (1.0 - t / 2) ** 2) for t in (0, 1)]
+    assert [o["consistency_weight"] for o in outs] == pytest.approx(expected_w, rel=1e-6)
+    for o in outs:  # the step's loss is exactly L_sup + lambda_c * L_con
+        assert np.isfinite(o["consistency_loss"]) and o["consistency_loss"] > 0
+        assert o["loss"] == pytest.approx(o["sup_loss"] + o["consistency_weight"] * o["consistency_loss"], rel=1e-5)
+
+    # the epoch's logged values are the means of the per-step outputs
     log = trainer.logger.local_logger.my_fantastic_logging
-    assert len(log["consistency_loss"]) == 1 and np.isfinite(log["consistency_loss"][0])
-    assert 0 < log["consistency_weight"][0] < 0.1
+    for key in ("consistency_loss", "sup_loss", "consistency_weight"):
+        assert len(log[key]) == 1, key
+        assert log[key][0] == pytest.approx(np.mean([o[key] for o in outs]), rel=1e-6), key
+    assert log["consistency_weight"][0] == pytest.approx(np.mean(expected_w), rel=1e-6)
+    assert log["train_losses"][0] == pytest.approx(np.mean([o["loss"] for o in outs]), rel=1e-6)
+
     out = trainer.output_folder
     assert os.path.isfile(os.path.join(out, "progress.png"))
-    assert os.path.isfile(os.path.join(out, "samssl_config.yaml"))
+    with open(os.path.join(out, "samssl_config.yaml")) as f:
+        saved = yaml.safe_load(f)
     ckpt = torch.load(os.path.join(out, "checkpoint_final.pth"), weights_only=False)
-    for k, v in ckpt["network_weights"].items():  # predict_with: teacher
-        assert torch.equal(v, ckpt["samssl"]["teacher_weights"][k])
-    assert ckpt["samssl"]["config"]["num_epochs"] == 1
+    for config in (saved, ckpt["samssl"]["config"]):
+        assert config["num_epochs"] == 1 and config["num_iterations_per_epoch"] == 2
+        assert config["predict_with"] == "teacher"
+
+    # predict_with: teacher -> network_weights are the teacher's, which differ from the student's after 2 steps
+    parts = ckpt["samssl"]["parts"]
+    teacher, student = parts["teacher"]["weights"], parts["student"]["weights"]
+    assert set(ckpt["network_weights"]) == set(teacher) == set(student)
+    for k, v in ckpt["network_weights"].items():
+        assert torch.equal(v, teacher[k]), k
+        assert torch.equal(v, trainer.teacher.module.state_dict()[k]), k
+    for k, v in student_state(trainer).items():
+        assert torch.equal(v, student[k]), k
+    assert any(not torch.equal(ckpt["network_weights"][k], student[k]) for k in student)
     assert not any(f.startswith(".") for f in os.listdir(out))
 
 
@@ -117,7 +163,7 @@ def test_resume_restores_student_teacher_optimizer_and_settings(nnunet_env):
     trainer.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_latest.pth"))
     # resume: no overrides in the environment -> the saved settings are used (ema_decay 0.9, 2 epochs)
     resumed = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env, continue_training=True, use_overrides=False)
-    assert resumed.ssl_config["ema_decay"] == 0.9 and resumed.num_epochs == 2
+    assert resumed.settings.mean_teacher.ema_decay == 0.9 and resumed.num_epochs == 2
     resumed.load_checkpoint(os.path.join(resumed.output_folder, "checkpoint_latest.pth"))
     assert resumed.current_epoch == 1
     for k, v in student_state(trainer).items():

@@ -7,16 +7,17 @@ import pytest
 import torch
 
 from test_mean_teacher_trainer import _corrupt_labels
-from test_semisam_trainer import SAM, tiny_sam  # noqa: F401  (tiny_sam: an autouse fixture)
+from trainer_helpers import SAM, tiny_sam  # noqa: F401  (tiny_sam: an autouse fixture)
 from trainer_helpers import make_trainer, seed_everything, student_state
 from nnunetv2_samssl.config.schema import ConfigError
+from nnunetv2_samssl.pseudo_labels.base import NetworkOutputs
 from nnunetv2_samssl.training.nnUNetTrainerSemiSAM import nnUNetTrainerSemiSAM
 
 CACHED = dict(SAM, sam_pseudo_labels="cached", sam_cache_refresh_epochs=1, num_labeled=2, use_unlabeled_folder=False)
 
 
 def _labels_on_disk(trainer):
-    cache = trainer.sam_cache
+    cache = trainer.sam_source.cache
     folder = os.path.join(cache.root, cache.current_generation())
     return {f[:-5]: blosc2.open(os.path.join(folder, f))[:] for f in sorted(os.listdir(folder)) if f.endswith(".b2nd")}
 
@@ -41,7 +42,7 @@ def test_cached_pseudo_labels_cover_whole_cases_and_feed_the_sam_loss(nnunet_env
     k = trainer.label_manager.num_segmentation_heads
     # epoch 0: no generation yet -> no SAM loss
     assert np.isnan(before["sam_loss"]) and np.isnan(before["sam_weight"])
-    assert trainer.sam_cache.current_generation() == "epoch_0001"
+    assert trainer.sam_source.cache.current_generation() == "epoch_0001"
     maps = _labels_on_disk(trainer)
     assert sorted(maps) == sorted(trainer.unlabeled_dataset.identifiers)
     for case, labels in maps.items():
@@ -49,7 +50,7 @@ def test_cached_pseudo_labels_cover_whole_cases_and_feed_the_sam_loss(nnunet_env
         assert labels.shape == (1, *image.shape[1:])  # whole case, preprocessed grid
         assert labels.min() >= 0 and labels.max() <= k
     # the maps reach the training step through the augmentation: some voxels are now supervised
-    assert trainer.unlabeled_dataset.pseudo_labels is trainer.sam_cache
+    assert trainer.unlabeled_dataset.pseudo_labels is trainer.sam_source.cache
     assert any(o["sam_valid_fraction"] > 0 for o in outs)
     assert all(np.isfinite(o["sam_loss"]) for o in outs)
     assert all(np.isnan(o["sam_time_s"]) for o in outs)  # SAM no longer runs inside the step
@@ -86,27 +87,27 @@ def test_resume_reuses_the_generation_of_the_checkpoint_and_fresh_training_drops
         resumed = make_trainer(nnUNetTrainerSemiSAM, nnunet_env, continue_training=True, **CACHED)
         resumed.load_checkpoint(os.path.join(resumed.output_folder, "checkpoint_latest.pth"))
         calls = []
-        resumed.refresh_sam_pseudo_labels = lambda: calls.append(resumed.current_epoch)
-        resumed._sam_refresh_due = lambda epoch: False  # mid-interval
+        resumed.sam_source.refresh = lambda epoch: calls.append(epoch)
+        resumed.sam_source.refresh_epochs = 1000  # mid-interval: no refresh is due
         resumed.on_train_start()
         resumed.on_train_epoch_start()
         return resumed, calls
 
     resumed, calls = resume()
-    assert calls == [] and resumed.sam_cache.current_generation() == "epoch_0001"
+    assert calls == [] and resumed.sam_source.cache.current_generation() == "epoch_0001"
     for case, labels in _labels_on_disk(resumed).items():
         np.testing.assert_array_equal(labels, maps[case])
     resumed.on_train_end()
     # the checkpoint's generation is gone (deleted by hand): rebuilt at once, not silently replaced by nothing
     import shutil
-    shutil.rmtree(os.path.join(resumed.sam_cache.root, "epoch_0001"))
+    shutil.rmtree(os.path.join(resumed.sam_source.cache.root, "epoch_0001"))
     resumed, calls = resume()
     assert calls == [resumed.current_epoch]
     resumed.on_train_end()
 
     fresh = make_trainer(nnUNetTrainerSemiSAM, nnunet_env, **CACHED)
     fresh.on_train_start()  # a new training in the same folder must not inherit old pseudo-labels
-    assert fresh.sam_cache.current_generation() is None and not os.path.isdir(fresh.sam_cache.root)
+    assert fresh.sam_source.cache.current_generation() is None and not os.path.isdir(fresh.sam_source.cache.root)
     fresh.on_train_end()
 
 
@@ -114,11 +115,11 @@ def test_periodic_work_is_reported_for_benchmarks(nnunet_env):
     seed_everything(0)
     trainer = make_trainer(nnUNetTrainerSemiSAM, nnunet_env, **CACHED)
     trainer.on_train_start()
-    seconds, iterations = trainer.timed_periodic_sam_work()
+    seconds, iterations = trainer.timed_periodic_work()
     assert seconds > 0 and iterations == 1 * trainer.num_iterations_per_epoch
     trainer.on_train_end()
     online = make_trainer(nnUNetTrainerSemiSAM, nnunet_env, **SAM)
-    assert online.timed_periodic_sam_work() is None
+    assert online.timed_periodic_work() is None
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -138,11 +139,11 @@ def test_all_deep_supervision_scales_and_dice_ce_on_cached_labels(nnunet_env):
     trainer.on_train_start()
     trainer.current_epoch = 1
     trainer.on_train_epoch_start()
-    x_u, _ = trainer.next_unlabeled_batch()
-    targets = trainer._unlabeled_targets
+    batch = trainer.next_unlabeled_batch()
+    targets = batch.loader_maps
     assert isinstance(targets, list) and len(targets) == len(trainer._get_deep_supervision_scales())
-    student = trainer.network(x_u)
-    terms = trainer.ssl_losses(x_u, student, [o.detach() for o in student])
+    student = trainer.network(batch.images)
+    terms = trainer.source_terms(trainer.sam_source, batch, NetworkOutputs(student, [o.detach() for o in student]))
     assert torch.isfinite(terms["sam_term"]) and terms["sam_valid_fraction"] > 0
     terms["sam_term"].backward()  # the cached labels supervise every scale
     # every output head gets a gradient except the lowest-resolution one, whose deep-supervision weight is 0

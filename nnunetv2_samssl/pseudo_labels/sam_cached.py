@@ -1,0 +1,164 @@
+"""SAM pseudo-labels made on whole cases every k epochs and carried through the augmentation by the loader.
+
+At the start of epochs k, 2k, ... (``sam_cache_refresh_epochs``) every unlabeled case is predicted whole
+(nnU-Net's sliding window, no mirroring), SAM labels it once, prompted by that prediction, and the hard maps are
+stored (:mod:`nnunetv2_samssl.data.pseudo_label_cache`) and served by the unlabeled dataset as the cases'
+segmentation, so nnU-Net's crop, augmentation and deep-supervision downsampling move them with the images.
+Differences to the papers' online mode: pseudo-labels are up to k epochs old, hard rather than soft, prompted on
+whole cases rather than patches, and absent in the first k epochs; the few batches the loader workers prefetched
+before a refresh still carry the previous generation.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from nnunetv2_samssl.config.settings import PseudoLabelLossSettings
+from nnunetv2_samssl.data.pseudo_label_cache import PseudoLabelCache, generation_name
+from nnunetv2_samssl.pseudo_labels.base import NetworkOutputs, PseudoTargets, SourceContext, StepInfo, UnlabeledBatch
+from nnunetv2_samssl.pseudo_labels.sam_online import SamSource, sam_weight
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    return float(np.nanmean(values)) if len(values) and not np.all(np.isnan(values)) else float("nan")
+
+
+class CachedSamSource(SamSource):
+    """Whole-case SAM pseudo-labels, refreshed every ``refresh_epochs`` epochs.
+
+    Args:
+        labeler: the SAM branch (as for the online source).
+        loss_settings: weight schedule and which scales the loss uses.
+        context: the trainer's services; ``predict_case`` gives whole-case softmax maps.
+        refresh_epochs: k.
+        diagnostics: score whole-case pseudo-labels of labeled-subset cases against their hidden labels at each
+            refresh (logged only).
+        needs_teacher: the prompts need the teacher's whole-case map too.
+    """
+
+    uses_loader_maps = True
+
+    def __init__(self, labeler, loss_settings: PseudoLabelLossSettings, context: SourceContext, refresh_epochs: int,
+                 diagnostics: bool = False, needs_teacher: bool = False, seed: int = 12345):
+        super().__init__(labeler, loss_settings, context, diagnostics, seed)
+        self.refresh_epochs = refresh_epochs
+        self.needs_teacher = needs_teacher
+        self.cache = PseudoLabelCache(os.path.join(context.output_folder, "sam_pseudo_labels"), context.num_classes)
+        self.dataset = None
+        self.demoted: frozenset = frozenset()
+        self.generation: Optional[str] = None  # the generation the unlabeled batches carry (None: none yet)
+        self._resume_generation: Optional[str] = None  # the generation a loaded checkpoint trained with
+        self._stale = False
+        self._stats: Dict[str, float] = {}
+
+    # ------------------------------------------------------------------ life cycle
+    def attach(self, unlabeled_dataset: Any, demoted_cases: Sequence[str]) -> None:
+        """Fresh training: a cache left by an earlier run in this folder is deleted. Resumed training: the
+        generation the checkpoint trained with becomes current again, or is rebuilt at once if it is gone."""
+        self.dataset, self.demoted = unlabeled_dataset, frozenset(demoted_cases)
+        rank0 = self.context.rank == 0
+        generation = self._resume_generation
+        if generation is not None and self.cache.has_generation(generation):
+            if rank0:
+                self.cache.activate(generation)
+            self.generation = generation
+        else:
+            if generation is not None:
+                self.context.log(f"WARNING: the SAM pseudo-labels this checkpoint trained with ({generation}) are "
+                                 f"gone from {self.cache.root}; they are rebuilt now.")
+                self._stale = True
+            if rank0 and os.path.isdir(self.cache.root):
+                shutil.rmtree(self.cache.root)
+        self.context.barrier()
+        unlabeled_dataset.pseudo_labels = self.cache  # before the loader workers start reading it
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if self._stale or (epoch > 0 and epoch % self.refresh_epochs == 0):
+            self.refresh(epoch)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"generation": self.generation}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._resume_generation = state.get("generation")
+
+    def timed_periodic_work(self) -> Tuple[float, int]:
+        return self.refresh(self.refresh_epochs), self.refresh_epochs
+
+    # ------------------------------------------------------------------ refresh
+    @torch.no_grad()
+    def refresh(self, epoch: int) -> float:
+        """Makes the pseudo-labels of every unlabeled case for ``epoch``; returns seconds.
+
+        Each DDP rank labels its share of the cases; rank 0 publishes the generation once all are written.
+        """
+        ctx = self.context
+        start = time.perf_counter()
+        name = generation_name(epoch)
+        if ctx.rank == 0:
+            self.cache.clear_staging(name)
+        ctx.barrier()
+        k = ctx.num_classes
+        sam_dice: List[float] = []
+        prompt_dice: List[float] = []
+        covered: List[float] = []
+        for case in self.dataset.identifiers[ctx.rank::ctx.world_size]:
+            image = torch.from_numpy(np.asarray(self.dataset.load_image(case)[:], dtype=np.float32))
+            student = ctx.predict_case("student", image)
+            teacher = ctx.predict_case("teacher", image) if self.needs_teacher else None
+            hard, valid = self._label_whole_case(image, student, teacher)
+            stored = torch.where(valid, hard, torch.full_like(hard, k))
+            self.cache.write_case(name, case, stored.cpu().numpy(), ctx.patch_size)
+            covered.append(float(valid.float().mean()))
+            if self.diagnostics and case in self.demoted:  # logged only: nothing here reaches a loss or a prompt
+                reference = torch.from_numpy(np.asarray(self.dataset.load_hidden_label(case)[:])[0].astype(np.int64))
+                scores = self.dice_diagnostics(reference.to(ctx.device)[None], hard[None], student.argmax(0)[None], k)
+                sam_dice.append(scores["sam_pseudo_dice"])
+                prompt_dice.append(scores["prompt_dice"])
+        ctx.barrier()
+        if ctx.rank == 0:
+            self.cache.publish(name)
+        ctx.barrier()
+        self.generation = name
+        self._stale = False
+        seconds = time.perf_counter() - start
+        self._stats = {"sam_pseudo_dice": _nanmean(sam_dice), "prompt_dice": _nanmean(prompt_dice)}
+        ctx.log(f"SAM pseudo-labels {name}: {len(covered)} unlabeled cases in {seconds:.1f} s, covered fraction "
+                f"{_nanmean(covered):.3f}" + (f", Dice vs hidden labels (logged only): SAM "
+                                              f"{self._stats['sam_pseudo_dice']:.4f}, prompting prediction "
+                                              f"{self._stats['prompt_dice']:.4f}" if sam_dice else ""))
+        return seconds
+
+    def _label_whole_case(self, image: torch.Tensor, student: torch.Tensor,
+                          teacher: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """SAM hard labels and validity ``(*shape)`` of a whole case ``(C, *shape)`` from the softmax maps
+        ``(K, *shape)``. A 2D configuration labels the case's slices (its patch axes) as one batch."""
+        slices = self.context.patch_ndim == 2
+        as_batch = (lambda t: t.movedim(1, 0)) if slices else (lambda t: t[None])
+        pseudo = self.labeler(as_batch(image.to(self.context.device)), as_batch(student),
+                              None if teacher is None else as_batch(teacher),
+                              patch_spacing=self.context.patch_spacing, generator=self.generator)
+        if slices:
+            return pseudo.hard_label, pseudo.valid
+        return pseudo.hard_label[0], pseudo.valid[0]
+
+    # ------------------------------------------------------------------ per step
+    def pseudo_labels(self, batch: UnlabeledBatch, outputs: NetworkOutputs, step: StepInfo
+                      ) -> Optional[PseudoTargets]:
+        if self.generation is None:
+            # before the first refresh: no SAM loss at all (the loader's padding would read as background)
+            return None
+        k = self.context.num_classes
+        maps = batch.loader_maps if self.loss_settings.sam_loss_scales == "all" else batch.loader_maps[:1]
+        labels = [m[:, 0].long() for m in maps]
+        valid = [(m >= 0) & (m < k) for m in labels]
+        targets = [m.clamp(0, k - 1) for m in labels]
+        metrics = {"sam_time_s": float("nan"), "sam_valid_fraction": float(valid[0].float().mean()),
+                   "sam_pseudo_dice": self._stats.get("sam_pseudo_dice", float("nan")),
+                   "prompt_dice": self._stats.get("prompt_dice", float("nan"))}
+        return PseudoTargets(targets, valid, sam_weight(self.loss_settings, step), None, metrics)

@@ -1,0 +1,129 @@
+"""SAM pseudo-labels made on the unlabeled patches of every step (SemiSAM / SemiSAM+, the papers' way).
+
+Data path: student / teacher softmax of the patch -> :class:`~nnunetv2_samssl.sam.branch.SamPseudoLabeler`
+(uncertainty-aware prompts, model space, click loop) -> soft pseudo-label probabilities on the patch grid, valid
+where SAM covered the patch, at every deep-supervision scale when the loss asks for them. Weight
+``lambda_s(t)`` (:func:`sam_weight`): strong guidance early, vanishing late.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional
+
+import torch
+
+from nnunetv2_samssl.config.settings import PseudoLabelLossSettings, SamLabelerSettings, SamModelSettings
+from nnunetv2_samssl.evaluation.metrics import mean_foreground_dice
+from nnunetv2_samssl.pseudo_labels.base import (NetworkOutputs, PseudoLabelSource, PseudoTargets, SourceContext,
+                                                StepInfo, UnlabeledBatch)
+from nnunetv2_samssl.ssl.ramps import sigmoid_rampdown
+
+SAM_PANELS = {"Dice vs hidden labels (logged only)": ["sam_pseudo_dice", "prompt_dice"],
+              "SAM branch": ["sam_time_s", "sam_valid_fraction"]}
+
+
+def sam_weight(settings: PseudoLabelLossSettings, step: StepInfo) -> float:
+    """lambda_s(t) = w r(T - t, L T) (sigmoid ramp-down), or w exp(-5 t / T) (the SemiSAM paper's print)."""
+    w, t, total = settings.sam_weight, step.step, step.total
+    if settings.sam_weight_schedule == "exp_decay":
+        return w * math.exp(-5.0 * t / max(total, 1))
+    return w * sigmoid_rampdown(t, total, settings.sam_rampdown * total)
+
+
+def build_sam_labeler(model_settings: SamModelSettings, labeler_settings: SamLabelerSettings,
+                      device: torch.device):
+    """The promptable model named by the settings, frozen, behind a :class:`SamPseudoLabeler`."""
+    import dataclasses
+
+    from nnunetv2_samssl.sam import registry
+    from nnunetv2_samssl.sam.branch import SamPseudoLabeler
+
+    kwargs: dict = {"random_init": model_settings.sam_random_init}
+    if model_settings.sam_backend.startswith("sam_med3d"):
+        kwargs["allow_pickle"] = model_settings.sam_checkpoint_allow_pickle
+    model = registry.build_promptable_model(model_settings.sam_backend, model_settings.sam_checkpoint, device,
+                                            **kwargs)
+    if labeler_settings.prompt_kind == "auto" and model_settings.sam_backend == "litemedsam":
+        labeler_settings = dataclasses.replace(labeler_settings, prompt_kind="boxes")  # trained with boxes
+    if labeler_settings.roi_margin is None:
+        labeler_settings = dataclasses.replace(
+            labeler_settings, roi_margin=labeler_settings.resolved_roi_margin(model.input_space.spacing_mm is not None))
+    return SamPseudoLabeler.from_settings(model, labeler_settings)
+
+
+def needs_teacher(labeler_settings: SamLabelerSettings) -> bool:
+    return labeler_settings.prompt_source != "student" or labeler_settings.uncertainty_measure != "entropy"
+
+
+class SamSource(PseudoLabelSource):
+    """What the SAM sources share: the SAM branch, the loss-weight settings, the trainer's services, the prompt
+    generator (seeded per DDP rank) and the hidden-label diagnostics (logged only)."""
+
+    name = "sam"
+    log_panels = SAM_PANELS
+
+    def __init__(self, labeler, loss_settings: PseudoLabelLossSettings, context: SourceContext,
+                 diagnostics: bool = False, seed: int = 12345):
+        self.labeler = labeler
+        self.loss_settings = loss_settings
+        self.context = context
+        self.diagnostics = diagnostics
+        self.generator = torch.Generator(device=context.device).manual_seed(seed + context.rank)
+
+    @staticmethod
+    def dice_diagnostics(reference: Optional[torch.Tensor], pseudo_label: torch.Tensor,
+                         prompting: torch.Tensor, num_classes: int) -> dict:
+        """Dice of the pseudo-label and of the prompting prediction (label maps ``(B, *s)``) against hidden labels
+        ``(B, *s)`` (-1 = none): logged, never a target. NaN without hidden labels."""
+        if reference is None:
+            return {"sam_pseudo_dice": float("nan"), "prompt_dice": float("nan")}
+        return {"sam_pseudo_dice": mean_foreground_dice(pseudo_label, reference, num_classes),
+                "prompt_dice": mean_foreground_dice(prompting, reference, num_classes)}
+
+
+class OnlineSamSource(SamSource):
+    """SemiSAM's SAM branch as a pseudo-label source.
+
+    Args:
+        labeler: the SAM branch.
+        loss_settings: weight schedule and which scales the targets are made for.
+        context: the trainer's services (device, spacing, deep-supervision scales).
+        every: run SAM every this many steps (``sam_every``); other steps have no targets.
+        diagnostics: score pseudo-labels and the prompting prediction against hidden labels (logged only).
+    """
+
+    def __init__(self, labeler, loss_settings: PseudoLabelLossSettings, context: SourceContext, every: int = 1,
+                 diagnostics: bool = False, seed: int = 12345):
+        super().__init__(labeler, loss_settings, context, diagnostics, seed)
+        self.every = every
+
+    def wants_hidden_labels(self) -> bool:
+        return self.diagnostics
+
+    def pseudo_labels(self, batch: UnlabeledBatch, outputs: NetworkOutputs, step: StepInfo
+                      ) -> Optional[PseudoTargets]:
+        if step.step % self.every != 0:
+            return None
+        device = self.context.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        student = outputs.probabilities("student")
+        teacher = outputs.probabilities("teacher") if outputs.teacher is not None else None
+        pseudo = self.labeler(batch.images, student, teacher, patch_spacing=self.context.patch_spacing,
+                              generator=self.generator)
+        scales = self.context.deep_supervision_scales
+        if scales is not None and self.loss_settings.sam_loss_scales == "all":
+            pairs = pseudo.at_scales(scales)
+            targets, valid = [p for p, _ in pairs], [v for _, v in pairs]
+        else:
+            targets, valid = [pseudo.probabilities], [pseudo.valid]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        metrics = {"sam_time_s": time.perf_counter() - start,
+                   "sam_valid_fraction": float(pseudo.valid.float().mean())}
+        reference = None if batch.hidden_labels is None else batch.hidden_labels[:, 0].long()
+        metrics.update(self.dice_diagnostics(reference, pseudo.hard_label, student.argmax(1), student.shape[1]))
+        return PseudoTargets(targets, valid, sam_weight(self.loss_settings, step), pseudo.uncertainty, metrics)
+

@@ -1,0 +1,111 @@
+"""Settings and the labeled subset: what every trainer of this package adds to ``nnUNetTrainer``.
+
+:class:`LabeledSubsetMixin` goes before ``nnUNetTrainer`` in a trainer's bases. It
+
+- resolves the trainer's settings once (``trainer_configs/`` + ``nnUNet_samssl_config`` / ``_overrides``; a bare
+  ``--c`` resumes with the saved ``samssl_config.yaml``) into :attr:`settings` (frozen objects per component,
+  ``config.settings``) and applies the schedule keys to nnU-Net's attributes;
+- restricts the fold's training cases to the labeled subset by extending nnU-Net's ``do_split``; the other
+  training cases (:attr:`demoted_cases`) are left out by the supervised baseline and used as unlabeled by the
+  semi-supervised trainers;
+- saves the settings in force as ``samssl_config.yaml`` when training starts.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Mapping, Tuple, Type
+
+import torch
+import yaml
+
+from nnunetv2_samssl.config.schema import CONFIG_ENV, OVERRIDES_ENV, Option, resolve_config
+from nnunetv2_samssl.config.settings import LABELED_SUBSET_LAYOUT, Settings, SettingsGroup, options_of
+from nnunetv2_samssl.data.splits import choose_labeled_subset
+from nnunetv2_samssl.training.nnunet_seam import nnUNetSeam
+
+SAVED_CONFIG = "samssl_config.yaml"
+
+
+class LabeledSubsetMixin(nnUNetSeam):
+    """Settings + labeled subset (see the module docstring). Class attributes:
+
+    - ``settings_layout``: ``{component name: settings dataclass}``; the schema is generated from it;
+    - ``default_config``: the bundled YAML used when the user chooses none.
+    """
+
+    settings_layout: Mapping[str, Type[SettingsGroup]] = LABELED_SUBSET_LAYOUT
+    default_config: str = "labeled_subset"
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        self.continue_training = bool(plans.get("continue_training", False))  # nnU-Net pops it
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        config, self.settings_sources = self._resolve_settings(self.continue_training)
+        self.settings = Settings.from_config(self.settings_layout, config)
+        for key, value in self.settings.training.to_config().items():
+            if value is not None:
+                setattr(self, key, value)
+        self.labeled_cases: List[str] = []
+        self.demoted_cases: List[str] = []  # training cases of the fold outside the labeled subset
+
+    @classmethod
+    def config_schema(cls) -> Tuple[Option, ...]:
+        return options_of(cls.settings_layout)
+
+    # ------------------------------------------------------------------ settings
+    def _resolve_settings(self, continue_training: bool) -> Tuple[Dict[str, Any], List[str]]:
+        schema = self.config_schema()
+        saved = os.path.join(self.output_folder, SAVED_CONFIG) if self.output_folder else None
+        user_chose = bool(os.environ.get(CONFIG_ENV) or os.environ.get(OVERRIDES_ENV))
+        if continue_training and saved and os.path.isfile(saved) and not user_chose:
+            # resume with exactly the settings of the interrupted run
+            cfg, sources = resolve_config(schema, self.default_config, config=saved, overrides={})
+        else:
+            cfg, sources = resolve_config(schema, self.default_config)
+            if continue_training and saved and os.path.isfile(saved):
+                old, _ = resolve_config(schema, self.default_config, config=saved, overrides={})
+                changed = {k: (old[k], cfg[k]) for k in cfg if old[k] != cfg[k]}
+                if changed:
+                    self.print_to_log_file(f"WARNING: resuming with settings that differ from {saved}: "
+                                           + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        self.print_to_log_file(f"samssl settings from: {' + '.join(sources)}")
+        return cfg, sources
+
+    def effective_config(self) -> Dict[str, Any]:
+        """The settings actually in force (schedule values as set on the trainer, e.g. by a subclass)."""
+        cfg = self.settings.to_config()
+        for key in self.settings.training.to_config():
+            cfg[key] = getattr(self, key)
+        return cfg
+
+    def save_effective_config(self) -> None:
+        if self.local_rank != 0:
+            return
+        header = (f"# Settings used by {self.__class__.__name__} (sources: {' + '.join(self.settings_sources)}).\n"
+                  f"# Reuse with: export {CONFIG_ENV}={os.path.join(self.output_folder, SAVED_CONFIG)}\n")
+        path = os.path.join(self.output_folder, SAVED_CONFIG)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(header + yaml.safe_dump(self.effective_config(), sort_keys=False))
+        os.replace(tmp, path)
+
+    def checkpoint_extras(self) -> Dict[str, Any]:
+        return {**super().checkpoint_extras(), "config": self.effective_config()}
+
+    # ------------------------------------------------------------------ the subset
+    def do_split(self):
+        """nnU-Net's split of the fold, with the training cases narrowed to the labeled subset."""
+        tr_keys, val_keys = super().do_split()
+        subset = self.settings.labeled_subset
+        labeled, demoted = choose_labeled_subset(tr_keys, subset.num_labeled, subset.labeled_cases,
+                                                 subset.labeled_subset_seed)
+        overlap = set(val_keys) & set(demoted)
+        if overlap:
+            raise RuntimeError(f"Validation cases {sorted(overlap)[:5]} are also training cases of fold {self.fold}; "
+                               f"labeled-subset mode needs disjoint validation cases (check splits_final.json).")
+        self.labeled_cases, self.demoted_cases = labeled, demoted
+        return labeled, val_keys
+
+    def on_train_start(self):
+        super().on_train_start()
+        self.save_effective_config()
