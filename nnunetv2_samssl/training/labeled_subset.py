@@ -38,9 +38,8 @@ class LabeledSubsetMixin(nnUNetSeam):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        self.continue_training = bool(plans.get("continue_training", False))  # nnU-Net pops it
         super().__init__(plans, configuration, fold, dataset_json, device)
-        config, self.settings_sources = self._resolve_settings(self.continue_training)
+        config, self.settings_sources = self._resolve_settings(self.continue_training)  # set by nnUNetSeam
         self.settings = Settings.from_config(self.settings_layout, config)
         for key, value in self.settings.training.to_config().items():
             if value is not None:

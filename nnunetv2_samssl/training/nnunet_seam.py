@@ -57,6 +57,12 @@ class nnUNetSeam:
 
     parts: TrainableParts
 
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        # nnU-Net pops this from the plans: whether this process was started with --c
+        self.continue_training = bool(plans.get("continue_training", False))
+        super().__init__(plans, configuration, fold, dataset_json, device)
+
     def initialize(self):
         super().initialize()
         self.parts = TrainableParts()
@@ -170,9 +176,14 @@ class nnUNetSeam:
         atomic_torch_save(checkpoint, filename)
 
     def checkpoint_to_load(self, filename: str) -> str:
-        """The file to resume from: for final/latest/best of this fold, the newest readable one."""
+        """The file to load. Only the resume of a ``--c`` run (its first load) may choose: among final, latest
+        and best of this fold, the newest readable one (nnU-Net would take latest even if best were newer, or
+        fail on a corrupt latest). Every other load (``--val``, ``--val_best``, ``-pretrained_weights`` is not a
+        checkpoint load) reads exactly the file asked for."""
+        resuming, self.continue_training = self.continue_training, False  # the resume is the first load only
         folder = os.path.dirname(os.path.abspath(filename))
-        if os.path.basename(filename) not in RESUME_CANDIDATES or folder != os.path.abspath(self.output_folder):
+        if not resuming or os.path.basename(filename) not in RESUME_CANDIDATES \
+                or folder != os.path.abspath(self.output_folder):
             return filename
         load = lambda p: torch.load(p, map_location="cpu", weights_only=False)  # noqa: E731
         found = newest_checkpoint(folder, load, self.print_to_log_file)
@@ -193,4 +204,4 @@ class nnUNetSeam:
                                f"new training without --c (use -pretrained_weights to initialise the student).")
         self.parts.load_state_dict(state["parts"])
         self.load_checkpoint_extras(state)
-        self.print_to_log_file(f"Resuming from {filename} (epoch {checkpoint['current_epoch']})")
+        self.print_to_log_file(f"Loaded {filename} (epoch {checkpoint['current_epoch']})")

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from conftest import DATASET_ID, DATASET_NAME
 
@@ -67,13 +68,20 @@ def test_train_kill_resume_predict_find_best(nnunet_env, tmp_path):
 
     # resume with a bare --c: the saved settings (ema_decay 0.95, 3 epochs) are used, teacher restored
     out = _run(train + ["--c"], _env(nnunet_env))
-    assert re.search(r"Resuming from .*checkpoint_(latest|best)\.pth \(epoch 1\)", out), out[-3000:]
+    assert re.search(r"Loaded .*checkpoint_(latest|best)\.pth \(epoch 1\)", out), out[-3000:]
     assert "Epoch 0\n" not in out and "Epoch 2" in out
     logs = "".join(open(f).read() for f in glob.glob(os.path.join(fold, "training_log_*.txt")))
     assert "samssl settings from: " + os.path.join(fold, "samssl_config.yaml") in logs
     assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
     assert os.path.isfile(os.path.join(fold, "validation", "summary.json"))
     assert "ema_decay: 0.95" in open(os.path.join(fold, "samssl_config.yaml")).read()
+
+    # --val --val_best validates checkpoint_best.pth, not the final checkpoint (which is at least as new)
+    best = torch.load(os.path.join(fold, "checkpoint_best.pth"), weights_only=False)
+    out = _run(train + ["--val", "--val_best"], _env(nnunet_env))
+    loads = re.findall(r"Loaded (\S+) \(epoch (\d+)\)", out)
+    assert [os.path.basename(f) for f, _ in loads][-1] == "checkpoint_best.pth", out[-3000:]
+    assert int(loads[-1][1]) == best["current_epoch"]
 
     pred = str(tmp_path / "pred")
     _run(["nnUNetv2_predict", "-i", os.path.join(nnunet_env.dataset_raw, "imagesTs"), "-o", pred, "-d",

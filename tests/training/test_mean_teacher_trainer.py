@@ -274,3 +274,32 @@ def test_online_validation_scores_the_network_predict_with_selects(nnunet_env, p
     assert got["loss"] != pytest.approx(expected[other]["loss"])
     assert trainer.network is student  # the student is back in place
     trainer.on_train_end()
+
+
+def test_only_a_resume_chooses_the_checkpoint_other_loads_read_the_file_asked_for(nnunet_env):
+    """--c resumes from the newest readable of final/latest/best; --val_best (a load without --c) reads
+    checkpoint_best.pth even when checkpoint_final.pth is newer."""
+    seed_everything(0)
+    trainer = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env)
+    run_iterations(trainer, 1)
+    trainer.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_best.pth"))  # epoch 1
+    best = student_state(trainer)
+    trainer.current_epoch = 1
+    trainer.on_train_epoch_start()
+    trainer.train_step(next(trainer.dataloader_train))
+    trainer.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_final.pth"))  # epoch 2, other weights
+    final = student_state(trainer)  # (no on_train_end: it would rewrite checkpoint_final.pth)
+    assert any(not torch.equal(best[k], final[k]) for k in best)
+
+    validating = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env)  # nnUNetv2_train --val --val_best
+    validating.load_checkpoint(os.path.join(validating.output_folder, "checkpoint_best.pth"))
+    assert validating.current_epoch == 1
+    assert all(torch.equal(v, best[k]) for k, v in student_state(validating).items())
+
+    resuming = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env, continue_training=True)  # --c
+    resuming.load_checkpoint(os.path.join(resuming.output_folder, "checkpoint_best.pth"))
+    assert resuming.current_epoch == 2
+    assert all(torch.equal(v, final[k]) for k, v in student_state(resuming).items())
+    # after the resume, an explicit load (nnU-Net's --val_best at the end of a --c run) reads the file asked for
+    resuming.load_checkpoint(os.path.join(resuming.output_folder, "checkpoint_best.pth"))
+    assert resuming.current_epoch == 1
