@@ -68,9 +68,17 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
         return {"consistency_loss": consistency.detach(), "consistency_weight": torch.tensor(w),
                 "consistency_term": w * consistency}
 
+    def on_train_start(self):
+        super().on_train_start()
+        if not self.resumed:
+            # nnU-Net loads -pretrained_weights into the student after initialize(), where the teacher was
+            # copied: the teacher starts from the student's weights as they are now
+            self.teacher.module.load_state_dict(unwrap(self.network).state_dict())
+
     def after_optimizer_step(self) -> None:
-        # the anchors count iterations from 1 when they update the teacher
-        self.teacher.update(self.network, self.global_step + 1)
+        # the anchors' update after optimizer step t (0-based): alpha = min(1 - 1/(t + 1), ema_decay), so the first
+        # update copies the student (alpha = 0)
+        self.teacher.update(self.network, self.global_step)
 
     # ------------------------------------------------------------------ validation with the predicting weights
     def validation_step(self, batch: dict) -> dict:

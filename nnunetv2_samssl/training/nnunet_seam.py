@@ -61,6 +61,7 @@ class nnUNetSeam:
                  device: torch.device = torch.device("cuda")):
         # nnU-Net pops this from the plans: whether this process was started with --c
         self.continue_training = bool(plans.get("continue_training", False))
+        self.resumed = False  # set once a checkpoint was loaded
         super().__init__(plans, configuration, fold, dataset_json, device)
 
     def initialize(self):
@@ -204,4 +205,5 @@ class nnUNetSeam:
                                f"new training without --c (use -pretrained_weights to initialise the student).")
         self.parts.load_state_dict(state["parts"])
         self.load_checkpoint_extras(state)
+        self.resumed = True
         self.print_to_log_file(f"Loaded {filename} (epoch {checkpoint['current_epoch']})")

@@ -303,3 +303,28 @@ def test_only_a_resume_chooses_the_checkpoint_other_loads_read_the_file_asked_fo
     # after the resume, an explicit load (nnU-Net's --val_best at the end of a --c run) reads the file asked for
     resuming.load_checkpoint(os.path.join(resuming.output_folder, "checkpoint_best.pth"))
     assert resuming.current_epoch == 1
+
+
+def test_teacher_starts_as_the_student_also_with_pretrained_weights(nnunet_env, tmp_path):
+    """nnUNetv2_train -pretrained_weights loads the weights into the student after initialize(): the teacher
+    must start from them too, and the first EMA update (alpha = 0) copies the student."""
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    seed_everything(1)
+    donor = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env)
+    donor.initialize()
+    path = str(tmp_path / "pretrained.pth")
+    torch.save({"network_weights": donor.network.state_dict()}, path)
+    seed_everything(0)
+    trainer = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env)
+    trainer.initialize()  # what nnUNetv2_train does with -pretrained_weights
+    load_pretrained_weights(trainer.network, path)
+    pretrained = student_state(trainer)
+    assert any(not torch.equal(v, pretrained[k]) for k, v in trainer.teacher.state_dict().items())
+    trainer.on_train_start()
+    assert all(torch.equal(v, pretrained[k]) for k, v in trainer.teacher.state_dict().items())
+    trainer.on_train_epoch_start()
+    trainer.train_step(next(trainer.dataloader_train))  # first update: alpha = 0, the teacher is the student
+    assert all(torch.equal(v, student_state(trainer)[k]) for k, v in trainer.teacher.state_dict().items())
+    trainer.train_step(next(trainer.dataloader_train))  # then alpha = 0.5
+    assert any(not torch.equal(v, student_state(trainer)[k]) for k, v in trainer.teacher.state_dict().items())
