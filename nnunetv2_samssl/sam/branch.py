@@ -339,7 +339,10 @@ class SamPseudoLabeler:
                                                 generator=generator)
                 points = torch.cat([points, click], 1)
                 labels = torch.cat([labels, click_label], 1)
-            mask_prompt = previous if (previous is not None and self.accepts_masks) else None
+            mask_prompt = previous if self.accepts_masks else None
+            if previous is None and self.model.input_space.first_pass_mask_prompt:
+                mask_prompt = embeddings.new_zeros((embeddings.shape[0], 1, *self.model.input_space.low_res_size),
+                                                   dtype=torch.float32)
             previous = self._decode(embeddings, points, labels, boxes, mask_prompt)
             if total is not None:
                 sam_probs = torch.sigmoid(self.model.upscale(previous)[:, 0].float())

@@ -32,6 +32,11 @@ class InputSpace:
         low_res_size: spatial size of the low-resolution logits the decoder returns and accepts as a
             mask prompt (``(32, 32, 32)`` for SAM-Med3D, ``(256, 256)`` for 2D SAM).
         prompt_kinds: which prompts ``decode`` accepts, a subset of ``{"points", "boxes", "masks"}``.
+        first_pass_mask_prompt: the model was trained with a mask prompt on every decode, zeros on the first
+            (SAM-Med3D: its training loop, its inference code and SemiSAM's code all pass the previous low-res
+            mask, zeros at the first click), so its learned "no mask" embedding is untrained: the first decode of
+            a click loop gets a zero ``(Q, 1, *low_res_size)`` mask prompt instead of none. 2D SAMs trained
+            without masks on the first pass keep theirs.
     """
 
     ndim: int
@@ -40,6 +45,7 @@ class InputSpace:
     in_channels: int
     low_res_size: Tuple[int, ...]
     prompt_kinds: frozenset
+    first_pass_mask_prompt: bool = False
 
 
 class PromptableModel(nn.Module):

@@ -322,3 +322,54 @@ def test_max_crops_caps_the_encoder_batch():
     assert model.encoded == 3 and out.stats["num_crops"] == 3
     covered_slices = out.valid[0].flatten(1).any(1)
     assert int(covered_slices.sum()) == 3
+
+
+# ---------------------------------------------------------------------------------------------------- SAM-Med3D loop
+def test_sam_med3d_click_loop_is_upstreams_loop_zero_mask_prompt_first():
+    """SAM-Med3D is trained (and run by its inference code and SemiSAM's) with a mask prompt on every decode:
+    zeros at the first click, then the previous low-res logits, all points so far kept. The branch's 10-click
+    loop on a tiny random SAM-Med3D equals that loop written with the raw prompt encoder and mask decoder."""
+    from nnunetv2_samssl.sam.sam_med3d.promptable import SAMMed3DPromptable
+
+    torch.manual_seed(0)
+    model = SAMMed3DPromptable.from_checkpoint(None, config="tiny", random_init=True)
+    calls = []
+    decode = model.decode
+
+    def spy(embeddings, points=None, point_labels=None, boxes=None, mask_logits=None):
+        out = decode(embeddings, points, point_labels, boxes, mask_logits)
+        calls.append(dict(embeddings=embeddings, points=points, labels=point_labels, mask=mask_logits, out=out[0]))
+        return out
+
+    model.decode = spy
+    images, probs = scene(batch=1)
+    SamPseudoLabeler(model, mode="point", num_clicks=10)(images, probs, patch_spacing=SPACING,
+                                                        generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 10
+    low_res = (calls[0]["embeddings"].shape[0], 1, *model.input_space.low_res_size)
+    assert calls[0]["mask"] is not None and calls[0]["mask"].shape == low_res and not calls[0]["mask"].any()
+
+    # the reference: upstream's interaction loop (SAM-Med3D train.py / infer_utils), same clicks
+    sam = model.model
+    previous = torch.zeros(low_res)
+    with torch.no_grad():
+        for i, call in enumerate(calls):
+            assert call["points"].shape[1] == calls[0]["points"].shape[1] + i  # one new click per pass, all kept
+            sparse, dense, valid = sam.prompt_encoder(points=(call["points"], call["labels"]), masks=previous,
+                                                      batch_size=call["embeddings"].shape[0])
+            previous, _ = sam.mask_decoder(image_embeddings=call["embeddings"],
+                                           image_pe=sam.prompt_encoder.get_dense_pe(),
+                                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                           multimask_output=False, sparse_valid=valid)
+            torch.testing.assert_close(call["out"], previous, rtol=1e-5, atol=1e-5)
+
+
+def test_2d_models_keep_their_first_pass_without_a_mask_prompt():
+    model = FakeSam(SPACE_2D, radius=3.0)
+    images = torch.zeros(1, 1, 32, 32)
+    images[0, 0, 10:20, 10:20] = 1.0
+    fg = torch.full((1, 32, 32), 0.02)
+    fg[0, 10:20, 10:20] = 0.95
+    SamPseudoLabeler(model, mode="point", num_clicks=3)(images, two_class_probs(fg), patch_spacing=(1.0, 1.0),
+                                                       generator=torch.Generator().manual_seed(0))
+    assert model.calls[0]["mask"] is None and model.calls[1]["mask"] is not None

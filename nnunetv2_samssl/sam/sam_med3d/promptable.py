@@ -54,7 +54,8 @@ class SAMMed3DPromptable(PromptableModel):
         self.foreground_threshold = foreground_threshold
         self.input_space = InputSpace(
             ndim=3, size=(cfg.img_size,) * 3, spacing_mm=SAM_MED3D_SPACING_MM, in_channels=cfg.in_chans,
-            low_res_size=(cfg.low_res_size,) * 3, prompt_kinds=frozenset({"points", "masks"}))
+            low_res_size=(cfg.low_res_size,) * 3, prompt_kinds=frozenset({"points", "masks"}),
+            first_pass_mask_prompt=True)
         if frozen:
             self.model.eval()
             self.model.requires_grad_(False)
