@@ -178,7 +178,9 @@ class SamLabelerSettings(SettingsGroup):
                                                             "below this.")
     uncertainty_measure: str = setting("entropy", key="sam_uncertainty_measure", types=(str,),
                                        choices=("entropy", "disagreement", "max"),
-                                       doc="Uncertainty for prompt selection.")
+                                       doc="Uncertainty that gates prompts, the same per patch (online) and per "
+                                           "whole case (cached): entropy of the prompt source's probabilities, "
+                                           "disagreement between student and teacher, or the max of both.")
     prompt_source: str = setting("student", key="sam_prompt_source", types=(str,),
                                  choices=("student", "teacher", "mean"), doc="Probabilities the prompts come from.")
     prompt_kind: str = setting("auto", key="sam_prompt_kind", types=(str,), choices=("auto", "points", "boxes"),

@@ -70,29 +70,31 @@ def student_teacher_disagreement(student: Tensor, teacher: Tensor, dim: int = 1)
     return (0.5 * (s - t).pow(2).sum(dim)).clamp(0.0, 1.0)
 
 
-def prompt_uncertainty(student: Tensor, teacher: Optional[Tensor] = None, measure: str = "entropy",
-                       dim: int = 1) -> Tensor:
+def prompt_uncertainty(prompt_probs: Tensor, measure: str = "entropy", student: Optional[Tensor] = None,
+                       teacher: Optional[Tensor] = None, dim: int = 1) -> Tensor:
     """The uncertainty map that gates prompt selection, in ``[0, 1]`` per voxel.
 
+    One definition for every way pseudo-labels are made (per patch or per whole case): the entropy is that of
+    the probabilities the prompts come from, whatever other maps exist; only the measures that name the teacher
+    use it.
+
     Args:
-        student: ``(B, K, *spatial)`` student probabilities.
-        teacher: optional ``(B, K, *spatial)`` teacher probabilities.
-        measure: ``"entropy"`` — normalised entropy of the student (of the student/teacher mean when a teacher
-            is given); ``"disagreement"`` — :func:`student_teacher_disagreement` (needs a teacher);
-            ``"max"`` — the larger of the two.
+        prompt_probs: ``(B, K, *spatial)`` the prompt source's probabilities (the student's by default).
+        measure: ``"entropy"``: normalised entropy of ``prompt_probs``; ``"disagreement"``:
+            :func:`student_teacher_disagreement` (needs ``student`` and ``teacher``); ``"max"``: the larger of
+            the two.
+        student, teacher: ``(B, K, *spatial)`` probabilities, for the measures that compare them.
     Returns:
         ``(B, *spatial)`` float32.
     """
     if measure not in UNCERTAINTY_MEASURES:
         raise ValueError(f"uncertainty measure must be one of {UNCERTAINTY_MEASURES}, got {measure!r}")
-    if measure in ("disagreement", "max") and teacher is None:
-        raise ValueError(f"uncertainty measure {measure!r} needs teacher probabilities; pass teacher_probs "
-                         "or use measure='entropy'")
-    mean = student.float() if teacher is None else 0.5 * (student.float() + teacher.float())
-    entropy = predictive_entropy(mean, dim) if measure != "disagreement" else None
+    if measure in ("disagreement", "max") and (teacher is None or student is None):
+        raise ValueError(f"uncertainty measure {measure!r} needs student and teacher probabilities; pass "
+                         "teacher_probs or use measure='entropy'")
     if measure == "entropy":
-        return entropy
+        return predictive_entropy(prompt_probs, dim)
     disagreement = student_teacher_disagreement(student, teacher, dim)
     if measure == "disagreement":
         return disagreement
-    return torch.maximum(entropy, disagreement)
+    return torch.maximum(predictive_entropy(prompt_probs, dim), disagreement)

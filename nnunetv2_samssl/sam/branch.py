@@ -230,7 +230,8 @@ class SamPseudoLabeler:
         teacher = None if teacher_probs is None else teacher_probs.detach().float()
         source = {"student": student, "teacher": teacher,
                   "mean": None if teacher is None else 0.5 * (student + teacher)}[self.settings.prompt_source]
-        uncertainty = prompt_uncertainty(student, teacher, self.settings.uncertainty_measure)  # (B, *patch)
+        # (B, *patch); the entropy is the prompt source's, so per-patch and whole-case labelling agree
+        uncertainty = prompt_uncertainty(source, self.settings.uncertainty_measure, student, teacher)
         num_classes, ndim = source.shape[1], source.dim() - 2
         predicted = source.argmax(1)
         classes = torch.arange(1, num_classes, device=source.device).view(1, -1, *([1] * ndim))

@@ -51,11 +51,13 @@ def test_disagreement_and_variance_ranges():
     var = probability_variance(maps)
     assert var.shape == (2, 8, 8) and float(var.min()) >= 0 and float(var.max()) <= 0.25
     assert torch.allclose(probability_variance([torch.zeros(3), torch.ones(3)]), torch.full((3,), 0.25))
-    combined = prompt_uncertainty(binary_probs(torch.full((1, 4, 4), 0.9)), binary_probs(torch.full((1, 4, 4), 0.1)),
-                                  measure="max")
-    assert torch.allclose(combined, torch.full((1, 4, 4), 1.0))  # mean is 0.5 -> entropy 1
+    p9, p1 = binary_probs(torch.full((1, 4, 4), 0.9)), binary_probs(torch.full((1, 4, 4), 0.1))
+    entropy = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1)) / math.log(2)  # 0.469
+    assert torch.allclose(prompt_uncertainty(p9, "entropy", p9, p1), torch.full((1, 4, 4), entropy))  # teacher unused
+    assert torch.allclose(prompt_uncertainty(p9, "max", p9, p1), torch.full((1, 4, 4), 0.64))  # 0.5 * 2 * 0.8^2
+    assert torch.allclose(prompt_uncertainty(p1, "max", p9, p9), torch.full((1, 4, 4), entropy))
     with pytest.raises(ValueError, match="teacher"):
-        prompt_uncertainty(s, measure="disagreement")
+        prompt_uncertainty(s, measure="disagreement", student=s)
 
 
 # ---------------------------------------------------------------------------------------------------- morphology

@@ -373,3 +373,25 @@ def test_2d_models_keep_their_first_pass_without_a_mask_prompt():
     SamPseudoLabeler(model, mode="point", num_clicks=3)(images, two_class_probs(fg), patch_spacing=(1.0, 1.0),
                                                        generator=torch.Generator().manual_seed(0))
     assert model.calls[0]["mask"] is None and model.calls[1]["mask"] is not None
+
+
+def test_entropy_gated_prompts_are_the_same_with_or_without_a_teacher_map():
+    """One definition of prompt uncertainty: online SemiSAM has the teacher's map of every patch, the whole-case
+    (cached) refresh only computes it when a setting needs it. With the default entropy measure the prompts
+    and pseudo-labels must not depend on it; the disagreement measure does use it."""
+    images, probs = scene(batch=1)
+    teacher = probs.flip(1)  # the opposite prediction: disagreement 0.8 on every voxel
+
+    def run(measure, teacher_probs):
+        model = FakeSam(SPACE_3D, radius=3.0)
+        out = SamPseudoLabeler(model, mode="point", num_clicks=3, uncertainty_measure=measure)(
+            images, probs, teacher_probs, patch_spacing=SPACING, generator=torch.Generator().manual_seed(0))
+        return [(c["points"], c["labels"]) for c in model.calls], out.probabilities
+
+    calls_without, probs_without = run("entropy", None)
+    calls_with, probs_with = run("entropy", teacher)
+    assert len(calls_with) == len(calls_without) == 3
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(calls_with, calls_without))
+    assert torch.equal(probs_with, probs_without)
+    calls_max, _ = run("max", teacher)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(calls_max, calls_without))
