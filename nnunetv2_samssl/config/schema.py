@@ -197,6 +197,9 @@ def _cross_checks(cfg: Mapping[str, Any]) -> None:
         raise ConfigError("Setting sam_loss: uncertainty_mse has a full-resolution uncertainty map only: use "
                           "sam_loss_scales: full_res.")
     if cfg.get("sam_pseudo_labels") == "cached":
+        if cfg["sam_target"] == "soft":
+            raise ConfigError("Setting sam_target: soft needs SAM's probabilities, but sam_pseudo_labels: cached stores "
+                              "hard labels: use sam_target: hard, or sam_pseudo_labels: online.")
         if cfg["sam_loss"] == "uncertainty_mse":
             raise ConfigError("Setting sam_pseudo_labels: cached stores hard labels without the SemiSAM+ uncertainty "
                               "map: use sam_loss soft_mse or dice_ce, or sam_pseudo_labels: online.")

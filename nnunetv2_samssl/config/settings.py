@@ -117,8 +117,10 @@ class MeanTeacherSettings(SettingsGroup):
 
     ema_decay: float = _user(types=(float,), doc="Maximum EMA decay of the teacher (alpha = min(1 - 1/(t+1), "
                              "ema_decay)).", minimum=0.0, maximum=1.0)
-    consistency_loss: str = _user(types=(str,), doc="Student-teacher consistency on unlabeled patches.",
-                                  choices=("softmax_mse", "softmax_kl", "cross_entropy"))
+    consistency_loss: str = _user(types=(str,), doc="Student-teacher consistency on unlabeled patches: softmax_mse "
+                                  "(mean of the squared softmax difference, SemiSAM+ / UA-MT), softmax_mse_halved "
+                                  "(sum / (2 numel), the original SemiSAM code), softmax_kl, cross_entropy.",
+                                  choices=("softmax_mse", "softmax_mse_halved", "softmax_kl", "cross_entropy"))
     consistency_weight: float = _user(types=(float,), doc="Maximum weight lambda_c of the consistency loss.",
                                       minimum=0.0)
     consistency_rampup: float = _user(types=(float,), doc="Ramp-up length of lambda_c as a fraction of all "
@@ -232,6 +234,13 @@ class PseudoLabelLossSettings(SettingsGroup):
                           "or uncertainty_mse (SemiSAM+ unc mode).", choices=("soft_mse", "dice_ce", "uncertainty_mse"))
     sam_loss_scales: str = _user(types=(str,), doc="Deep-supervision outputs the SAM loss uses: full_res or all.",
                                  choices=("full_res", "all"))
+    sam_target: str = _user(types=(str,), doc="hard: SAM's output binarised (argmax of the combined classes; "
+                            "sigmoid > 0.5 for one class), as the SemiSAM code does; soft: SAM's probabilities.",
+                            choices=("hard", "soft"))
+    sam_loss_normalization: str = _user(types=(str,), doc="patch: the SAM loss is averaged over the whole patch, "
+                                        "voxels SAM did not cover counting 0 (the anchors'); valid: over the covered "
+                                        "voxels only (scales lambda_s by 1 / covered fraction).",
+                                        choices=("patch", "valid"))
     sam_weight: float = _user(types=(float,), doc="Maximum weight lambda_s of the SAM loss.", minimum=0.0)
     sam_weight_schedule: str = _user(types=(str,), doc="sigmoid_rampdown: lambda_s = w * r(T - t, L); exp_decay: "
                                      "lambda_s = w * exp(-5 t / T) (the form printed in the SemiSAM paper).",

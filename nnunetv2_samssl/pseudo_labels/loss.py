@@ -15,12 +15,15 @@ class PseudoLabelLoss:
 
     Hard targets enter as one-hot probabilities. With per-scale targets (more than one entry) the loss is the
     deep-supervision weighted sum over those scales (``deep_supervision_weights``, nnU-Net's); with one entry it
-    acts on the full-resolution output only (and takes the targets' uncertainty map, if any).
+    acts on the full-resolution output only (and takes the targets' uncertainty map, if any). ``normalization``:
+    voxels without a target count 0 and the mean is over the whole patch (``"patch"``, the anchors') or over the
+    voxels with a target (``"valid"``).
     """
 
-    def __init__(self, form: str, num_classes: int, deep_supervision_weights: Optional[Sequence[float]] = None):
+    def __init__(self, form: str, num_classes: int, deep_supervision_weights: Optional[Sequence[float]] = None,
+                 normalization: str = "valid"):
         self.num_classes = num_classes
-        self.loss = SamPseudoLabelLoss(form, deep_supervision_weights)
+        self.loss = SamPseudoLabelLoss(form, deep_supervision_weights, normalization=normalization)
 
     def probabilities(self, target: torch.Tensor, hard: bool) -> torch.Tensor:
         return F.one_hot(target, self.num_classes).movedim(-1, 1).float() if hard else target

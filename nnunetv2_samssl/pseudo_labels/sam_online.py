@@ -1,8 +1,10 @@
 """SAM pseudo-labels made on the unlabeled patches of every step (SemiSAM / SemiSAM+, the papers' way).
 
 Data path: student / teacher softmax of the patch -> :class:`~nnunetv2_samssl.sam.branch.SamPseudoLabeler`
-(uncertainty-aware prompts, model space, click loop) -> soft pseudo-label probabilities on the patch grid, valid
-where SAM covered the patch, at every deep-supervision scale when the loss asks for them. Weight
+(uncertainty-aware prompts, model space, click loop) -> pseudo-label probabilities on the patch grid, valid
+where SAM covered the patch, at every deep-supervision scale when the loss asks for them -> hard labels (their
+argmax: SAM's output binarised at 0.5 for one class, as the anchors do) or the soft probabilities
+(``sam_target``). Weight
 ``lambda_s(t)`` (:func:`sam_weight`): strong guidance early, vanishing late.
 """
 from __future__ import annotations
@@ -119,6 +121,8 @@ class OnlineSamSource(SamSource):
             targets, valid = [p for p, _ in pairs], [v for _, v in pairs]
         else:
             targets, valid = [pseudo.probabilities], [pseudo.valid]
+        if self.loss_settings.sam_target == "hard":  # the anchors binarise SAM's output
+            targets = [t.argmax(1) for t in targets]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         metrics = {"sam_time_s": time.perf_counter() - start,

@@ -32,8 +32,14 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return -(p_t * log_p_s).sum(1).mean()
 
 
+def softmax_mse_halved(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """``sum((p_s - p_t)^2) / (2 numel)``: half the softmax MSE, the consistency term of the original SemiSAM code."""
+    return 0.5 * softmax_mse(student_logits, teacher_logits)
+
+
 CONSISTENCY_LOSSES: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "softmax_mse": softmax_mse,
+    "softmax_mse_halved": softmax_mse_halved,
     "softmax_kl": softmax_kl,
     "cross_entropy": soft_cross_entropy,
 }

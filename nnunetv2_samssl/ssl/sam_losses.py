@@ -48,10 +48,18 @@ def _check(student_logits: Tensor, target_probs: Tensor, valid: Optional[Tensor]
     return valid.bool()
 
 
-def _masked_mean(values: Tensor, valid: Tensor) -> Tensor:
-    """Mean of ``values (B, *spatial)`` over ``valid`` voxels; a graph-connected zero when none is valid."""
+NORMALIZATIONS = ("patch", "valid")
+
+
+def _masked_mean(values: Tensor, valid: Tensor, normalization: str = "valid") -> Tensor:
+    """Mean of ``values (B, *spatial)`` where invalid voxels count 0: divided by the number of ``valid`` voxels
+    (``"valid"``) or by all voxels of the patch (``"patch"``, the anchors' form: the loss then scales with the
+    covered fraction). A graph-connected zero when none is valid."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     weight = valid.to(values.dtype)
-    return (values * weight).sum() / weight.sum().clamp_min(1.0)
+    count = weight.sum().clamp_min(1.0) if normalization == "valid" else float(weight.numel())
+    return (values * weight).sum() / count
 
 
 def _squared_softmax_difference(student_logits: Tensor, target_probs: Tensor) -> Tensor:
@@ -60,18 +68,22 @@ def _squared_softmax_difference(student_logits: Tensor, target_probs: Tensor) ->
     return (probs - target_probs.detach().float()).pow(2).mean(1)
 
 
-def soft_mse_loss(student_logits: Tensor, target_probs: Tensor, valid: Optional[Tensor] = None) -> Tensor:
-    """Softmax MSE to the SAM probabilities over valid voxels (see module docstring). Returns a scalar."""
+def soft_mse_loss(student_logits: Tensor, target_probs: Tensor, valid: Optional[Tensor] = None,
+                  normalization: str = "valid") -> Tensor:
+    """Softmax MSE to the SAM probabilities over valid voxels (see module docstring), averaged over the valid
+    voxels or the whole patch (``normalization``). Returns a scalar."""
     valid = _check(student_logits, target_probs, valid)
-    return _masked_mean(_squared_softmax_difference(student_logits, target_probs), valid)
+    return _masked_mean(_squared_softmax_difference(student_logits, target_probs), valid, normalization)
 
 
 def dice_ce_loss(student_logits: Tensor, target_probs: Tensor, valid: Optional[Tensor] = None, *,
                  weight_ce: float = 1.0, weight_dice: float = 1.0, batch_dice: bool = True,
-                 include_background: bool = False, smooth: float = 1e-5) -> Tensor:
+                 include_background: bool = False, smooth: float = 1e-5, normalization: str = "valid") -> Tensor:
     """Cross-entropy + soft Dice against the hard pseudo-label ``argmax(target_probs)`` over valid voxels.
 
     Args:
+        normalization: the cross-entropy is averaged over the valid voxels or the whole patch (Dice is a ratio
+            of valid-voxel sums either way).
         batch_dice: pool Dice statistics over the batch (nnU-Net's ``batch_dice``) or per sample.
         include_background: include class 0 in the Dice average (nnU-Net excludes it).
         smooth: added to numerator and denominator of every Dice term.
@@ -82,7 +94,7 @@ def dice_ce_loss(student_logits: Tensor, target_probs: Tensor, valid: Optional[T
     logits = student_logits.float()
     num_classes = logits.shape[1]
     hard = target_probs.detach().argmax(1)
-    ce = _masked_mean(F.cross_entropy(logits, hard, reduction="none"), valid)
+    ce = _masked_mean(F.cross_entropy(logits, hard, reduction="none"), valid, normalization)
 
     probs = torch.softmax(logits, 1)
     one_hot = F.one_hot(hard, num_classes).movedim(-1, 1).to(probs.dtype)
@@ -99,7 +111,8 @@ def dice_ce_loss(student_logits: Tensor, target_probs: Tensor, valid: Optional[T
 
 
 def uncertainty_weighted_mse_loss(student_logits: Tensor, target_probs: Tensor, uncertainty: Tensor,
-                                  valid: Optional[Tensor] = None, eps: float = 1e-8) -> Tensor:
+                                  valid: Optional[Tensor] = None, eps: float = 1e-8,
+                                  normalization: str = "valid") -> Tensor:
     """SemiSAM+'s ``mean(d * U) / (mean(U) + eps) + mean(U)`` over valid voxels (see module docstring).
 
     Args:
@@ -112,8 +125,8 @@ def uncertainty_weighted_mse_loss(student_logits: Tensor, target_probs: Tensor, 
         raise ValueError(f"uncertainty must be (B, *spatial) = {tuple(valid.shape)}, got {tuple(uncertainty.shape)}")
     u = uncertainty.detach().float().clamp_min(0.0)
     d = _squared_softmax_difference(student_logits, target_probs)
-    mean_u = _masked_mean(u, valid)
-    return _masked_mean(d * u, valid) / (mean_u + eps) + mean_u
+    mean_u = _masked_mean(u, valid, normalization)
+    return _masked_mean(d * u, valid, normalization) / (mean_u + eps) + mean_u
 
 
 MaybeList = Union[Tensor, Sequence[Tensor], None]

@@ -39,4 +39,4 @@ class nnUNetTrainerSemiSAM(nnUNetTrainerMeanTeacher):
             source = SelectedSource(source, s.selection.pseudo_label_selection, s.selection.pseudo_label_threshold,
                                     s.selection.pseudo_label_selection_level)
         self.sam_source = source
-        self.add_source(source, s.sam_loss.sam_loss, s.sam_loss.sam_loss_scales)
+        self.add_source(source, s.sam_loss.sam_loss, s.sam_loss.sam_loss_scales, s.sam_loss.sam_loss_normalization)

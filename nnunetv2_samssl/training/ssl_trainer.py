@@ -99,15 +99,17 @@ class nnUNetTrainerSSLBase(LabeledSubsetMixin, nnUNetTrainer):
             rank=dist.get_rank() if ddp else 0, world_size=dist.get_world_size() if ddp else 1,
             barrier=dist.barrier if ddp else (lambda: None))
 
-    def add_source(self, source: PseudoLabelSource, loss_form: str, loss_scales: str) -> None:
+    def add_source(self, source: PseudoLabelSource, loss_form: str, loss_scales: str,
+                   normalization: str = "patch") -> None:
         """Adds a pseudo-label source whose targets enter the loss as ``loss_form`` (``sam_losses`` forms) on the
-        full-resolution output (``loss_scales='full_res'``) or every deep-supervision output (``'all'``)."""
+        full-resolution output (``loss_scales='full_res'``) or every deep-supervision output (``'all'``),
+        averaged over the whole patch or the voxels with a target (``normalization``)."""
         if any(s.name == source.name for s in self.sources):
             raise ValueError(f"a pseudo-label source named {source.name!r} exists already")
         weights = self.deep_supervision_weights() if loss_scales == "all" else None
         self.sources.append(source)
         self.pseudo_label_losses[source.name] = PseudoLabelLoss(loss_form, self.label_manager.num_segmentation_heads,
-                                                                weights)
+                                                                weights, normalization)
 
     def predict_case(self, which: str, image: torch.Tensor) -> torch.Tensor:
         """Softmax ``(K, *shape)`` of the student (or ``"teacher"``) on a whole preprocessed case."""

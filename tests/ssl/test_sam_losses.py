@@ -1,6 +1,7 @@
 """SAM pseudo-label losses: values, masking of invalid voxels, and gradients that point the right way."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nnunetv2_samssl.ssl.sam_losses import (SamPseudoLabelLoss, dice_ce_loss, soft_mse_loss,
                                             uncertainty_weighted_mse_loss)
@@ -150,3 +151,22 @@ def test_module_forms_and_deep_supervision_lists():
         SamPseudoLabelLoss("uncertainty_mse")(logits, target, valid)
     with pytest.raises(ValueError, match="form"):
         SamPseudoLabelLoss("sum_normalised")
+
+
+def test_patch_normalization_is_the_anchors_whole_patch_mean():
+    """The anchors average the SAM loss over the whole patch: uncovered voxels count 0, so the value is the
+    covered-voxel mean times the covered fraction (the 'valid' form divides that fraction out)."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5, 6)
+    target = F.one_hot(torch.randint(0, 3, (2, 4, 5, 6)), 3).movedim(-1, 1).float()
+    valid = torch.rand(2, 4, 5, 6) < 0.3
+    squared = (torch.softmax(logits, 1) - target).pow(2).mean(1)
+    anchors = (squared * valid).sum() / squared.numel()  # torch.mean((p - sam)^2) with 0 where not covered
+    assert soft_mse_loss(logits, target, valid, normalization="patch") == pytest.approx(float(anchors), rel=1e-6)
+    covered = squared[valid].mean()
+    assert soft_mse_loss(logits, target, valid) == pytest.approx(float(covered), rel=1e-6)
+    fraction = float(valid.float().mean())
+    assert float(soft_mse_loss(logits, target, valid, normalization="patch")) == pytest.approx(
+        fraction * float(soft_mse_loss(logits, target, valid)), rel=1e-6)
+    with pytest.raises(ValueError, match="normalization"):
+        soft_mse_loss(logits, target, valid, normalization="voxel")

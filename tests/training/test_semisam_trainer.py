@@ -19,7 +19,8 @@ from nnunetv2_samssl.training.nnUNetTrainerSemiSAM import nnUNetTrainerSemiSAM
 
 
 def test_sam_weight_ramps_down():
-    settings = PseudoLabelLossSettings(sam_loss="soft_mse", sam_loss_scales="full_res", sam_weight=0.1,
+    settings = PseudoLabelLossSettings(sam_loss="soft_mse", sam_loss_scales="full_res", sam_target="hard",
+                                       sam_loss_normalization="patch", sam_weight=0.1,
                                        sam_weight_schedule="sigmoid_rampdown", sam_rampdown=1.0)
     weights = [sam_weight(settings, StepInfo(step, 100)) for step in (0, 50, 90)]
     assert weights[0] == pytest.approx(0.1) and weights[0] > weights[1] > weights[2]
@@ -92,7 +93,7 @@ def test_one_epoch_trains_logs_sam_metrics_and_diagnostics(nnunet_env):
         reference = c["hidden"][:, 0].long()
         assert (reference >= 0).all() and (reference > 0).any()  # only demoted cases here, foreground present
         prompt = _foreground_dice(c["student"].argmax(1), reference, k)
-        pseudo = _foreground_dice(c["targets"].targets[0].argmax(1), reference, k)
+        pseudo = _foreground_dice(c["targets"].hard_labels(), reference, k)
         assert np.isfinite(prompt) and np.isfinite(pseudo)
         assert o["prompt_dice"] == pytest.approx(prompt, rel=1e-6)
         assert o["sam_pseudo_dice"] == pytest.approx(pseudo, rel=1e-6)
