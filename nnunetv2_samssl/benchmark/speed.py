@@ -20,16 +20,20 @@ and fold. For each trainer:
    batches (the JSON records a checksum per trainer). The unlabeled batches are served through
    ``trainer.unlabeled_loader`` while the steps run. Each step is timed with ``time.perf_counter``
    between ``torch.cuda.synchronize()`` calls on GPU. Mixed precision is whatever the trainer's
-   ``train_step`` does (nnU-Net: autocast + GradScaler on CUDA, float32 on CPU);
+   ``train_step`` does (nnU-Net: autocast + GradScaler on CUDA, float32 on CPU). The ratio to the reference
+   is that of the MEAN time per iteration (what a training of N iterations costs): a trainer whose SAM
+   branch runs every k-th step (``sam_every``) pays it in the mean, which a median would hide; the median
+   and quartiles are reported as the spread;
 4. **SAM share**: a trainer with a SAM branch reports that branch's time per iteration as
    ``train_step(...)["sam_time_s"]`` (seconds, measured by the trainer with its own synchronisation);
    the share is the mean over the timed steps of ``sam_time_s / step time`` (a NaN ``sam_time_s``, a step
    in which the branch did not run, counts as 0);
    A trainer that does its SAM work outside the step at intervals (``nnUNetTrainerSemiSAM`` with
    ``sam_pseudo_labels: cached``) exposes ``timed_periodic_work() -> (seconds, iterations served)``:
-   it runs once after the timed steps, its cost per iteration (``periodic_ms_per_iteration``) is reported,
-   ``ratio_incl_periodic`` adds it to the median step, and the SAM share becomes
-   ``periodic / (median step + periodic)``;
+   it runs once BEFORE the timed steps (so they are timed as training runs them, with pseudo-labels in
+   place and their loss computed), its cost per iteration (``periodic_ms_per_iteration``) is reported,
+   ``ratio_incl_periodic`` adds it to the mean step, and the SAM share becomes
+   ``periodic / (mean step + periodic)``;
 5. **peak memory**: on GPU ``torch.cuda.max_memory_allocated`` over warm-up + timed steps, with the peak
    reset for each trainer (weights, optimizer state and activations); on CPU the peak of the process's
    resident memory (``VmRSS`` of ``/proc/self/status``, sampled every 2 ms by a background thread) minus
@@ -279,7 +283,7 @@ class CyclingBatches:
 # ----------------------------------------------------------------------------------------------------
 @dataclass
 class TrainerResult:
-    """One trainer's numbers (times in ms, memory in MiB; ``ratio_to_reference`` = median / reference median)."""
+    """One trainer's numbers (times in ms, memory in MiB; ``ratio_to_reference`` = mean / reference mean)."""
 
     trainer: str
     step_ms: TimeStats
@@ -496,11 +500,11 @@ def benchmark_trainer(trainer_spec: TrainerSpec, settings: BenchmarkSettings, po
             if real_unlabeled is not None:
                 trainer.unlabeled_loader = CyclingBatches(batches["unlabeled"])
             trainer.on_train_epoch_start()
+            periodic_work = getattr(trainer, "timed_periodic_work", None)
+            periodic = periodic_work() if callable(periodic_work) else None  # before the steps: they use it
             with PeakMemoryMeter(device) as meter:
                 step_s, sam_s = time_train_steps(trainer, batches["labeled"], settings.warmup, settings.iters,
                                                  device)
-            periodic_work = getattr(trainer, "timed_periodic_work", None)
-            periodic = periodic_work() if callable(periodic_work) else None
     finally:
         if trainer is not None:
             if real_unlabeled is not None:
@@ -517,7 +521,7 @@ def benchmark_trainer(trainer_spec: TrainerSpec, settings: BenchmarkSettings, po
         seconds, serves = periodic
         per_it = seconds * 1000.0 / serves
         periodic_fields = dict(periodic_ms_per_iteration=per_it, periodic_s=seconds, periodic_serves_iterations=serves)
-        sam_share = per_it / (step_ms.median + per_it)
+        sam_share = per_it / (step_ms.mean + per_it)
     return TrainerResult(
         trainer=name, step_ms=step_ms, step_ms_all=[t * 1000.0 for t in step_s],
         data_ms_per_iteration=data_ms, data_draws=data_draws, data_streams=list(layouts),
@@ -582,11 +586,11 @@ def run_benchmark(trainers: Sequence[TrainerSpec], settings: BenchmarkSettings,
         for spec in with_reference(trainers):
             log(f"benchmarking {trainer_name(spec)} ...")
             results.append(benchmark_trainer(spec, settings, pool, device))
-    reference = results[0].step_ms.median
+    reference = results[0].step_ms.mean
     for r in results:
-        r.ratio_to_reference = r.step_ms.median / reference
+        r.ratio_to_reference = r.step_ms.mean / reference
         if r.periodic_ms_per_iteration is not None:
-            r.ratio_incl_periodic = (r.step_ms.median + r.periodic_ms_per_iteration) / reference
+            r.ratio_incl_periodic = (r.step_ms.mean + r.periodic_ms_per_iteration) / reference
     from nnunetv2_samssl.config.schema import CONFIG_ENV, OVERRIDES_ENV
     return {
         "dataset": str(settings.dataset), "configuration": settings.configuration, "fold": settings.fold,
@@ -618,12 +622,12 @@ def _fmt_share(r: Dict[str, Any]) -> str:
 
 def format_table(report: Dict[str, Any]) -> str:
     """The report as a fixed-width text table."""
-    head = ["trainer", "ms/it median", "IQR", "min-max", f"x {report['reference']}", "periodic ms/it",
+    head = ["trainer", "ms/it mean", "median", "IQR", "min-max", f"x {report['reference']}", "periodic ms/it",
             "x incl. periodic", "data ms/it", "SAM share", "peak MiB"]
     rows = []
     for r in report["trainers"]:
         s = r["step_ms"]
-        rows.append([r["trainer"], _fmt(s["median"]), f"{_fmt(s['q1'])}-{_fmt(s['q3'])}",
+        rows.append([r["trainer"], _fmt(s["mean"]), _fmt(s["median"]), f"{_fmt(s['q1'])}-{_fmt(s['q3'])}",
                      f"{_fmt(s['min'])}-{_fmt(s['max'])}", _fmt(r["ratio_to_reference"], ".2f"),
                      _fmt(r.get("periodic_ms_per_iteration")), _fmt(r.get("ratio_incl_periodic"), ".2f"),
                      _fmt(r["data_ms_per_iteration"]),
@@ -643,7 +647,7 @@ def format_table(report: Dict[str, Any]) -> str:
             "SAM share: mean of train_step()['sam_time_s'] / step time ('-': the trainer reports none; "
             "a NaN sam_time_s counts as a step without the SAM branch)",
             "periodic ms/it: SAM work done outside the step (cached pseudo-labels: one refresh / the iterations "
-            "it serves); 'x incl. periodic' adds it to the median step; the SAM share is then periodic / total",
+            "it serves); 'x incl. periodic' adds it to the mean step; the SAM share is then periodic / total",
             f"peak MiB: {report['memory_measure']}"]
     return "\n".join(out)
 

@@ -115,8 +115,12 @@ def test_periodic_work_is_reported_for_benchmarks(nnunet_env):
     seed_everything(0)
     trainer = make_trainer(nnUNetTrainerSemiSAM, nnunet_env, **CACHED)
     trainer.on_train_start()
+    trainer.on_train_epoch_start()  # epoch 0: no pseudo-labels yet, the benchmark must not time such steps
+    assert np.isnan(trainer.train_step(next(trainer.dataloader_train))["sam_loss"])
     seconds, iterations = trainer.timed_periodic_work()
     assert seconds > 0 and iterations == 1 * trainer.num_iterations_per_epoch
+    # after the refresh the steps the benchmark times carry the SAM loss, as in training
+    assert np.isfinite(trainer.train_step(next(trainer.dataloader_train))["sam_loss"])
     trainer.on_train_end()
     online = make_trainer(nnUNetTrainerSemiSAM, nnunet_env, **SAM)
     assert online.timed_periodic_work() is None
