@@ -590,6 +590,24 @@ def plot_dice(path: str, runs: Sequence[RunSpec], evaluations: Sequence[Mapping[
     plt.close(fig)
 
 
+def label_derived_normalization(plans: Mapping[str, Any], configuration: str) -> Optional[str]:
+    """A warning when the configuration normalises a channel with statistics nnU-Net computed from labels.
+
+    nnU-Net's dataset fingerprint takes the foreground intensity statistics (``CTNormalization``: clipping
+    percentiles, mean, std) from the voxels inside the labels of EVERY training case, the ones this protocol
+    then treats as unlabeled included. Their labels never reach training, but they did shape the intensity
+    normalisation of every run. Returns ``None`` when no channel uses such a scheme.
+    """
+    schemes = plans["configurations"][configuration].get("normalization_schemes", [])
+    label_derived = [i for i, s in enumerate(schemes) if s == "CTNormalization"]
+    if not label_derived:
+        return None
+    return (f"WARNING: channel(s) {label_derived} of {configuration} use CTNormalization, whose intensity statistics "
+            f"nnU-Net's fingerprint computed inside the labels of all training cases, including those this protocol "
+            f"uses as unlabeled. For a strict protocol, plan from a copy of the dataset that holds only the labeled "
+            f"cases (or fix the statistics), then preprocess the others with those plans.")
+
+
 def run_protocol(settings: ProtocolSettings, log: Callable[[str], None] = print,
                  base_env: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
     """Plans, runs (or reuses) and evaluates every run; writes the table, plot and plan into ``outdir``.
@@ -598,6 +616,13 @@ def run_protocol(settings: ProtocolSettings, log: Callable[[str], None] = print,
     """
     runs = plan_runs(settings)
     check_plan(runs)
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    plans = load_json(os.path.join(nnUNet_preprocessed.require(), runs[0].dataset,
+                                   runs[0].plans_identifier + ".json"))
+    warning = label_derived_normalization(plans, settings.configuration)
+    if warning:
+        log(warning)
     outdir = os.path.abspath(settings.outdir)
     os.makedirs(outdir, exist_ok=True)
     with open(os.path.join(outdir, PLAN_FILE), "w") as f:

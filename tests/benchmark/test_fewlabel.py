@@ -249,3 +249,12 @@ def test_protocol_runs_tabulates_and_reuses_finished_runs(nnunet_env, tmp_path, 
         assert len(record["attempts"]) == 1 and record["reused"] == 1
         assert os.path.getmtime(os.path.join(spec.output_folder, "checkpoint_final.pth")) == finals[spec.trainer]
     assert (out / "fewlabel_results.csv").read_text() == first_csv  # same numbers, same table
+
+
+def test_ct_normalisation_from_all_labels_is_warned_about():
+    from nnunetv2_samssl.benchmark.fewlabel import label_derived_normalization
+    plans = {"configurations": {"3d_fullres": {"normalization_schemes": ["ZScoreNormalization", "CTNormalization"]},
+                                "2d": {"normalization_schemes": ["ZScoreNormalization"]}}}
+    warning = label_derived_normalization(plans, "3d_fullres")
+    assert warning.startswith("WARNING") and "[1]" in warning and "labels of all training cases" in warning
+    assert label_derived_normalization(plans, "2d") is None
