@@ -263,6 +263,10 @@ class SamSourceSettings(SettingsGroup):
                                    "augmentation with the images (SAM leaves the training step; pseudo-labels are up "
                                    "to that many epochs old, hard, and made on whole cases).",
                                    choices=("online", "cached"))
+    sam_view: str = _user(types=(str,), doc="online mode: unscaled = the unlabeled patches skip nnU-Net's zoom "
+                          "(0.7-1.4) and intensity augmentation, so SAM sees the physical scale and intensities it "
+                          "expects (the student sees the same patches); augmented = nnU-Net's full augmentation.",
+                          choices=("unscaled", "augmented"))
     sam_cache_refresh_epochs: int = _user(types=(int,), doc="cached mode: pseudo-labels are (re)made at the start of "
                                           "epochs k, 2k, 3k, ...; the first k epochs train without the SAM loss.",
                                           minimum=1)

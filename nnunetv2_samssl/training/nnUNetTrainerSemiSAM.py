@@ -17,6 +17,7 @@ from nnunetv2_samssl.pseudo_labels.sam_cached import CachedSamSource
 from nnunetv2_samssl.pseudo_labels.sam_online import OnlineSamSource, build_sam_labeler, needs_teacher
 from nnunetv2_samssl.pseudo_labels.selection import SelectedSource
 from nnunetv2_samssl.training.nnUNetTrainerMeanTeacher import nnUNetTrainerMeanTeacher
+from nnunetv2_samssl.training.nnunet_seam import geometry_only_view
 
 
 class nnUNetTrainerSemiSAM(nnUNetTrainerMeanTeacher):
@@ -40,3 +41,13 @@ class nnUNetTrainerSemiSAM(nnUNetTrainerMeanTeacher):
                                     s.selection.pseudo_label_selection_level)
         self.sam_source = source
         self.add_source(source, s.sam_loss.sam_loss, s.sam_loss.sam_loss_scales, s.sam_loss.sam_loss_normalization)
+
+    def unlabeled_transforms(self, transforms):
+        """``sam_view: unscaled`` (online mode): SAM sees the unlabeled patches at the configuration's spacing and
+        with nnU-Net's normalised intensities, so the unlabeled stream skips nnU-Net's zoom and intensity
+        augmentation (the student sees the same patches; labeled batches keep nnU-Net's full augmentation).
+        Cached pseudo-labels are made on whole, un-augmented cases anyway."""
+        source = self.settings.sam_source
+        if source.sam_pseudo_labels == "online" and source.sam_view == "unscaled":
+            return geometry_only_view(transforms)
+        return transforms

@@ -15,7 +15,9 @@ lives here, each piece saying which nnU-Net code it relies on:
 - :meth:`nnUNetSeam.deep_supervision_weights` reads the weights nnU-Net's loss was built with (its own rule:
   1/2^i, the lowest scale 0, or 1e-6 under DDP without compile, normalised).
 - the deep-supervision switch of the default architecture for the EMA teacher, nnU-Net's sliding-window
-  predictor on a network in memory (whole-case pseudo-labels), and the local logger with extra panels.
+  predictor on a network in memory (whole-case pseudo-labels), and the local logger with extra panels;
+- :func:`geometry_only_view`: nnU-Net's training transforms without zoom and intensity changes (it reads the
+  structure of the list ``nnUNetTrainer.get_training_transforms`` returns).
 """
 from __future__ import annotations
 
@@ -33,6 +35,40 @@ from nnunetv2_samssl.training.parts import TrainableParts
 from nnunetv2_samssl.training.progress import SSLLocalLogger
 
 CHECKPOINT_KEY = "samssl"
+
+# nnU-Net's intensity (and resolution) augmentations: a promptable model should see the image as nnU-Net
+# normalised it, not brightened, blurred, noised or down-sampled
+_INTENSITY_TRANSFORMS = ("GaussianNoiseTransform", "GaussianBlurTransform", "MultiplicativeBrightnessTransform",
+                         "ContrastTransform", "SimulateLowResolutionTransform", "GammaTransform")
+
+
+def geometry_only_view(transforms):
+    """nnU-Net's training transforms (a ``ComposeTransforms``) with zoom switched off (``SpatialTransform``
+    ``p_scaling = 0``) and the intensity / resolution augmentations left out: patches at the configuration's
+    spacing with nnU-Net-normalised intensities, still cropped, rotated and mirrored (labels / maps follow).
+
+    For promptable models that expect a physical scale (SAM-Med3D: 1.5 mm) and the intensities they were
+    trained on: nnU-Net zooms patches by 0.7-1.4, so the configuration's spacing would be wrong by up to 40%.
+    """
+    import copy
+
+    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+    from batchgeneratorsv2.transforms.utils.random import RandomTransform
+
+    kept = []
+    for t in transforms.transforms:
+        inner = t.transform if isinstance(t, RandomTransform) else t
+        if type(inner).__name__ in _INTENSITY_TRANSFORMS:
+            continue
+        if isinstance(t, SpatialTransform):
+            t = copy.copy(t)
+            t.p_scaling = 0.0
+        kept.append(t)
+    if not any(isinstance(t, SpatialTransform) for t in kept):
+        raise RuntimeError("nnU-Net's training transforms have no SpatialTransform: geometry_only_view does not know "
+                           "this nnU-Net version's augmentation")
+    return ComposeTransforms(kept)
 
 # sha256 of inspect.getsource(...) of the nnU-Net methods copied here, per supported nnU-Net version
 PINNED_SOURCES: Dict[str, Dict[str, str]] = {

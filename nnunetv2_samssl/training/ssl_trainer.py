@@ -170,17 +170,21 @@ class nnUNetTrainerSSLBase(LabeledSubsetMixin, nnUNetTrainer):
     def _make_unlabeled_loader(self):
         rotation, dummy_2d, initial_patch_size, mirror_axes = \
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        transforms = self.get_training_transforms(
+        transforms = self.unlabeled_transforms(self.get_training_transforms(
             self.configuration_manager.patch_size, rotation, self._get_deep_supervision_scales(), mirror_axes,
             dummy_2d, use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
             foreground_labels=self.label_manager.foreground_labels, regions=None,
-            ignore_label=self.label_manager.ignore_label)
+            ignore_label=self.label_manager.ignore_label))
         global_bs = self.settings.unlabeled.unlabeled_batch_size or self.configuration_manager.batch_size
         world = dist.get_world_size() if self.is_ddp else 1
         self.unlabeled_batch_size = split_batch_size(global_bs, world, self.local_rank)
         return build_unlabeled_loader(self.unlabeled_dataset, self.unlabeled_batch_size, initial_patch_size,
                                       self.configuration_manager.patch_size, self.label_manager, transforms,
                                       num_processes=get_allowed_n_proc_DA(), pin_memory=self.device.type == "cuda")
+
+    def unlabeled_transforms(self, transforms):
+        """Hook: the augmentation of the unlabeled stream (nnU-Net's training transforms by default)."""
+        return transforms
 
     def next_unlabeled_batch(self) -> UnlabeledBatch:
         """The next unlabeled batch on the device. Its ``loader_maps`` are filled when a source serves maps

@@ -117,3 +117,39 @@ def test_trainable_parts_are_wrapped_for_ddp_and_saved_unwrapped(tmp_path):
         assert "optimizer" in state["decoder"] and "optimizer" not in state["teacher"]
     finally:
         dist.destroy_process_group()
+
+
+def _augment_ball(transforms, seeds):
+    """Foreground voxel count and intensity range of a bright ball (radius 8 in 32^3) after each draw."""
+    import numpy as np
+    from trainer_helpers import seed_everything as seed
+
+    grid = torch.stack(torch.meshgrid(*[torch.arange(32.0)] * 3, indexing="ij"))
+    ball = ((grid - 15.5) ** 2).sum(0) <= 64
+    counts, low, high = [], [], []
+    for s in seeds:
+        seed(s)
+        out = transforms(image=ball[None].float().clone(), segmentation=ball[None].to(torch.int16).clone())
+        counts.append(int((out["segmentation"] == 1).sum()))
+        low.append(float(out["image"].min()))
+        high.append(float(out["image"].max()))
+    return np.array(counts), min(low), max(high)
+
+
+def test_geometry_only_view_keeps_the_scale_and_the_intensities():
+    """nnU-Net zooms patches by 0.7-1.4 and changes their intensities: SAM would see a wrong physical scale.
+    The view for promptable models keeps crop, rotation and mirroring only."""
+    import numpy as np
+    from nnunetv2_samssl.training.nnunet_seam import geometry_only_view
+
+    full = nnUNetTrainer.get_training_transforms((32, 32, 32), (-0.5, 0.5), None, (0, 1, 2), False)
+    weak = geometry_only_view(full)
+    counts_full, low_full, high_full = _augment_ball(full, range(60))
+    counts_weak, low_weak, high_weak = _augment_ball(weak, range(60))
+    volume = counts_weak.mean()
+    assert np.all(np.abs(counts_weak - volume) < 0.06 * volume)  # no zoom: rotation only changes the voxelisation
+    assert counts_full.max() > 1.5 * counts_full.min()  # nnU-Net's zoom changes the object's size
+    assert 0.0 <= low_weak and high_weak <= 1.0 + 1e-6  # interpolated, never brightened or noised
+    assert low_full < 0.0 or high_full > 1.0
+    # the input transform list is left as it was
+    assert any(type(getattr(t, "transform", t)).__name__ == "GaussianNoiseTransform" for t in full.transforms)

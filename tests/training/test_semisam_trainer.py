@@ -176,3 +176,17 @@ def test_sam_every_skips_the_branch(nnunet_env):
     trainer = make_trainer(nnUNetTrainerSemiSAM, nnunet_env, sam_every=2, **SAM)
     outs = run_iterations(trainer, 2)
     assert np.isfinite(outs[0]["sam_loss"]) and np.isnan(outs[1]["sam_loss"])
+
+
+@pytest.mark.parametrize("view, expect_intensity_aug", [("unscaled", False), ("augmented", True)])
+def test_online_sam_sees_unlabeled_patches_without_zoom_or_intensity_changes(nnunet_env, view, expect_intensity_aug):
+    trainer = make_trainer(nnUNetTrainerSemiSAM, nnunet_env, sam_view=view, **SAM)
+    trainer.initialize()
+    trainer.get_tr_and_val_datasets()
+    transforms = trainer._make_unlabeled_loader().data_loader.transforms.transforms
+    names = [type(getattr(t, "transform", t)).__name__ for t in transforms]
+    spatial = next(t for t in transforms if type(t).__name__ == "SpatialTransform")
+    assert ("GaussianNoiseTransform" in names) == expect_intensity_aug
+    assert ("GammaTransform" in names) == expect_intensity_aug
+    assert (spatial.p_scaling > 0) == expect_intensity_aug
+    assert "MirrorTransform" in names  # the geometry of nnU-Net's augmentation stays
