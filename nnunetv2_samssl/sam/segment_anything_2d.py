@@ -25,9 +25,8 @@ import torch
 from torch import nn
 
 from nnunetv2_samssl.sam.interface import InputSpace, PromptableModel
-from nnunetv2_samssl.sam.strict_loading import state_dict_problems
+from nnunetv2_samssl.sam.strict_loading import CHECKPOINT_SETTING, family_hint, state_dict_problems, torch_load
 
-CHECKPOINT_SETTING = "sam_checkpoint"
 
 # ImageNet statistics in [0, 255] the segment-anything encoders were trained with (RGB order).
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -94,7 +93,7 @@ def read_state_dict(path: Union[str, Path], setting: str = CHECKPOINT_SETTING) -
         raise FileNotFoundError(f"SAM checkpoint not found: '{path}'. Set '{setting}' to the path of an existing "
                                 f"weights file.")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch_load(path, weights_only=True, setting=setting)
     except pickle.UnpicklingError as error:
         raise ValueError(
             f"'{path}' (setting '{setting}') stores Python objects that only a full pickle load can read; it is not "
@@ -235,7 +234,8 @@ class SegmentAnything2DPromptable(PromptableModel):
                     f"{model_type}: use model_type='{guessed}' (backend 'sam2d_{guessed}').")
         sam = sam_model_registry[model_type](checkpoint=None)
         if state_dict is not None:
-            hint = "" if guessed is not None else "Its keys and shapes match none of vit_b / vit_l / vit_h."
+            hint = "" if guessed is not None else ("Its keys and shapes match none of vit_b / vit_l / vit_h. "
+                                                   + family_hint(state_dict, "sam2d")).strip()
             load_state_dict_strictly(sam, state_dict, source=str(path), hint=hint)
         model = cls(sam.image_encoder, sam.prompt_encoder, sam.mask_decoder,
                     pixel_mean=sam.pixel_mean.flatten().tolist(), pixel_std=sam.pixel_std.flatten().tolist(),

@@ -51,7 +51,7 @@ def test_default_target_is_sams_output_binarised_and_the_loss_the_anchors_patch_
     loss = PseudoLabelLoss("soft_mse", 2, normalization="patch")(outputs.student, hard_targets)
     one_hot = torch.stack([1 - hard_targets.targets[0], hard_targets.targets[0]], 1).float()
     squared = (torch.softmax(outputs.student, 1) - one_hot).pow(2) * hard_targets.valid[0].unsqueeze(1)
-    assert float(loss) == pytest.approx(float(squared.mean()), rel=1e-6)  # torch.mean over the whole patch
+    assert float(loss.detach()) == pytest.approx(float(squared.mean()), rel=1e-6)  # torch.mean over the whole patch
 
 
 def test_semisam_v1_reproduces_the_original_constants():

@@ -22,12 +22,12 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from nnunetv2_samssl.sam.strict_loading import listed, state_dict_problems
+from nnunetv2_samssl.sam.strict_loading import (CHECKPOINT_SETTING, family_hint, listed, state_dict_problems,
+                                                torch_load)
 
 from .build import SAMMed3DConfig, build_sam_med3d, expected_state_shapes
 from .model import SAMMed3D
 
-CHECKPOINT_SETTING = "sam_checkpoint"
 ALLOW_PICKLE_SETTING = "sam_checkpoint_allow_pickle"
 CONVERT_COMMAND = "nnUNetv2_samssl_convert_sam_med3d"
 
@@ -88,7 +88,7 @@ def load_sam_med3d_state_dict(path: Optional[PathLike], allow_pickle: bool = Fal
                                      "'safetensors' package to read it") from e
         return extract_model_state_dict(load_file(str(path), device="cpu"), str(path))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch_load(path, weights_only=True)
     except pickle.UnpicklingError as e:
         if not allow_pickle:
             raise SAMCheckpointError(
@@ -97,7 +97,7 @@ def load_sam_med3d_state_dict(path: Optional[PathLike], allow_pickle: bool = Fal
                 f"from the file. Convert it once into a tensors-only file and point '{CHECKPOINT_SETTING}' at "
                 f"the result:\n    {CONVERT_COMMAND} -i {path} -o {path.with_name(path.stem + '_weights.pth')}\n"
                 f"or, if you trust the file, set '{ALLOW_PICKLE_SETTING}: true'.") from e
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch_load(path, weights_only=False)
     return extract_model_state_dict(obj, str(path))
 
 
@@ -111,8 +111,9 @@ def check_state_dict(state_dict: Mapping, config: Union[str, SAMMed3DConfig] = "
     name = config if isinstance(config, str) else "custom"
     parts = state_dict_problems(state_dict, expected)
     if parts:
+        hint = family_hint(state_dict, "sam_med3d")
         raise SAMCheckpointError(f"{CHECKPOINT_SETTING} {source} does not match the SAM-Med3D architecture "
-                                 f"'{name}' ({'; '.join(parts)})")
+                                 f"'{name}' ({'; '.join(parts)})" + (f". {hint}" if hint else ""))
 
 
 def load_sam_med3d(path: Optional[PathLike], config: Union[str, SAMMed3DConfig] = "vit_b_ori",
