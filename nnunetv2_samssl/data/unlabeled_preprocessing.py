@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 UNLABELED_RAW_FOLDER = "imagesUnlabeled"
 UNLABELED_SUFFIX = "_unlabeled"
@@ -93,6 +93,42 @@ def collect_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> Dict
     return {c: [ch[i] for i in range(num_channels)] for c, ch in sorted(cases.items())}
 
 
+def copies_of_known_images(raw_dataset_folder: str, unlabeled_files: List[str]) -> List[Tuple[str, str]]:
+    """``(unlabeled file, imagesTr / imagesTs file)`` pairs whose bytes are identical (SHA-256), sorted.
+
+    An unlabeled image that is a renamed copy of a training or test image makes evaluation transductive (the
+    model trains on a test image) or double-counts a case. Only files of equal size are hashed, so the check
+    reads little more than the unlabeled images. A copy re-encoded into another file format is not caught.
+    """
+    sizes = {}
+    for f in unlabeled_files:
+        sizes.setdefault(os.path.getsize(f), []).append(f)
+    digest = {}
+
+    def sha256(path: str) -> str:
+        if path not in digest:
+            h = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            digest[path] = h.hexdigest()
+        return digest[path]
+
+    pairs = []
+    for sub in ("imagesTr", "imagesTs"):
+        folder = os.path.join(raw_dataset_folder, sub)
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            known = os.path.join(folder, name)
+            if not os.path.isfile(known):
+                continue
+            for candidate in sizes.get(os.path.getsize(known), []):
+                if sha256(candidate) == sha256(known):
+                    pairs.append((candidate, known))
+    return sorted(pairs)
+
+
 def _labeled_identifiers(raw_dataset_folder: str, dataset_json: dict) -> set:
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
     return set(get_filenames_of_train_images_and_targets(raw_dataset_folder, dataset_json).keys())
@@ -126,8 +162,12 @@ def _preprocess_one(args) -> str:
 
 
 def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_identifier: str = "nnUNetPlans",
-                         num_processes: int = 2, verbose: bool = True) -> str:
-    """Preprocesses every case of ``imagesUnlabeled/``; returns the output folder. See the module docstring."""
+                         num_processes: int = 2, verbose: bool = True, allow_duplicates: bool = False) -> str:
+    """Preprocesses every case of ``imagesUnlabeled/``; returns the output folder. See the module docstring.
+
+    An unlabeled image that is a byte-identical copy of an ``imagesTr`` / ``imagesTs`` image is an error naming
+    both files (``allow_duplicates``: a warning), checked before anything is written.
+    """
     from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -154,6 +194,16 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_identifie
             f"nnUNetv2_preprocess -d {dataset_name_or_id} -c {configuration} -plans_name {plans_identifier} first.")
     dataset_json = load_json(os.path.join(pp_base, "dataset.json"))
     cases = collect_unlabeled_cases(raw_folder, dataset_json)
+    copies = copies_of_known_images(raw_folder, [f for files in cases.values() for f in files])
+    if copies:
+        listing = "; ".join(f"{os.path.basename(u)} = {os.path.relpath(k, raw_folder)}" for u, k in copies[:5]) \
+            + (f"; ... and {len(copies) - 5} more" if len(copies) > 5 else "")
+        message = (f"{len(copies)} unlabeled image file(s) are copies of training or test images ({listing}): "
+                   f"training on them makes the evaluation transductive or counts a case twice.")
+        if not allow_duplicates:
+            raise UnlabeledDataError(message + f" Remove them from {UNLABELED_RAW_FOLDER}/, or pass "
+                                               f"--allow_duplicates to keep them (with a warning).")
+        print(f"WARNING: {message} Kept because --allow_duplicates was given.", file=sys.stderr)
 
     out_folder = unlabeled_preprocessed_folder(pp_base, cm.data_identifier)
     fingerprint = configuration_fingerprint(plans["configurations"][configuration], dataset_json)
@@ -223,10 +273,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     parser.add_argument("-np", type=int, default=int(os.environ.get("nnUNet_def_n_proc", 2)),
                         help="number of processes (default: nnUNet_def_n_proc or 2)")
+    parser.add_argument("--allow_duplicates", action="store_true",
+                        help="only warn when an unlabeled image is a copy of an imagesTr / imagesTs image")
     args = parser.parse_args(argv)
     try:
         for c in args.c:
-            preprocess_unlabeled(args.d, c, args.p, args.np)
+            preprocess_unlabeled(args.d, c, args.p, args.np, allow_duplicates=args.allow_duplicates)
     except UnlabeledDataError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         sys.exit(2)

@@ -102,3 +102,26 @@ def test_command_line_reports_errors_without_traceback(nnunet_env, capsys):
         main(["-d", str(DATASET_ID), "-c", CONFIG])
     assert e.value.code == 2
     assert "ERROR: No unlabeled images" in capsys.readouterr().err
+
+
+def test_a_renamed_copy_of_a_test_or_training_image_is_refused(nnunet_env, capsys):
+    """The transductive guard: an unlabeled image that is a byte copy of an imagesTs / imagesTr image is an error
+    naming both files (nothing is written); --allow_duplicates keeps it with a warning."""
+    unlabeled = os.path.join(nnunet_env.dataset_raw, "imagesUnlabeled")
+    shutil.copy(os.path.join(nnunet_env.dataset_raw, "imagesTs", "ts_001_0000.nii.gz"),
+                os.path.join(unlabeled, "unl_new_0000.nii.gz"))
+    shutil.copy(os.path.join(nnunet_env.dataset_raw, "imagesTr", "tr_002_0000.nii.gz"),
+                os.path.join(unlabeled, "unl_other_0000.nii.gz"))
+    with pytest.raises(UnlabeledDataError) as error:
+        preprocess_unlabeled(DATASET_ID, CONFIG, num_processes=1)
+    message = str(error.value)
+    assert "unl_new_0000.nii.gz = imagesTs/ts_001_0000.nii.gz" in message
+    assert "unl_other_0000.nii.gz = imagesTr/tr_002_0000.nii.gz" in message and "--allow_duplicates" in message
+    assert not os.path.exists(os.path.join(out_folder(nnunet_env), "unl_new.pkl"))
+    # the command line prints that one line, no traceback
+    with pytest.raises(SystemExit):
+        main(["-d", str(DATASET_ID), "-c", CONFIG, "-np", "1"])
+    assert "copies of training or test images" in capsys.readouterr().err
+    main(["-d", str(DATASET_ID), "-c", CONFIG, "-np", "1", "--allow_duplicates"])
+    assert "WARNING" in capsys.readouterr().err
+    assert os.path.isfile(os.path.join(out_folder(nnunet_env), "unl_new.pkl"))
