@@ -129,6 +129,46 @@ def copies_of_known_images(raw_dataset_folder: str, unlabeled_files: List[str]) 
     return sorted(pairs)
 
 
+def image_problem(files: List[str], reader, dataset_is_3d: bool) -> Optional[str]:
+    """What is wrong with one case's channel files, or ``None``: the counterpart of nnU-Net's
+    ``--verify_dataset_integrity`` for unlabeled images.
+
+    Checks that every file is read completely (a ``.gz`` file is decompressed to its end: image readers may
+    return a partial volume of a truncated one without a word), that the dataset's reader reads the case, that
+    all channels share one geometry (shape and spacing), that every value is finite and that the case is 3D
+    exactly when the dataset is.
+    """
+    import gzip
+
+    import numpy as np
+
+    for f in files:
+        if f.endswith(".gz"):
+            try:
+                with gzip.open(f, "rb") as fh:
+                    while fh.read(1 << 24):
+                        pass
+            except (EOFError, OSError, gzip.BadGzipFile) as error:
+                return f"{os.path.basename(f)} is truncated or corrupt ({error})"
+    geometries = []
+    for f in files:
+        try:
+            data, properties = reader.read_images([f])
+        except Exception as error:  # any reader failure is this file's problem, reported with its name
+            return f"{os.path.basename(f)} cannot be read ({type(error).__name__}: {str(error)[:150]})"
+        geometries.append((tuple(data.shape[1:]), tuple(np.round(properties["spacing"], 4))))
+        if not np.isfinite(data).all():
+            return f"{os.path.basename(f)} has {int((~np.isfinite(data)).sum())} non-finite value(s) (NaN or inf)"
+    if len(set(geometries)) > 1:
+        listing = ", ".join(f"{os.path.basename(f)}: shape {g[0]}, spacing {g[1]}" for f, g in zip(files, geometries))
+        return f"its channels differ in geometry ({listing})"
+    shape = geometries[0][0]
+    if (shape[0] > 1) != dataset_is_3d:
+        return (f"it is {'3D' if shape[0] > 1 else '2D'} (shape {shape}) but the dataset's images are "
+                f"{'3D' if dataset_is_3d else '2D'}")
+    return None
+
+
 def _labeled_identifiers(raw_dataset_folder: str, dataset_json: dict) -> set:
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
     return set(get_filenames_of_train_images_and_targets(raw_dataset_folder, dataset_json).keys())
@@ -162,11 +202,13 @@ def _preprocess_one(args) -> str:
 
 
 def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_identifier: str = "nnUNetPlans",
-                         num_processes: int = 2, verbose: bool = True, allow_duplicates: bool = False) -> str:
+                         num_processes: int = 2, verbose: bool = True, allow_duplicates: bool = False,
+                         skip_bad_cases: bool = False) -> str:
     """Preprocesses every case of ``imagesUnlabeled/``; returns the output folder. See the module docstring.
 
-    An unlabeled image that is a byte-identical copy of an ``imagesTr`` / ``imagesTs`` image is an error naming
-    both files (``allow_duplicates``: a warning), checked before anything is written.
+    Checked before anything is written: every case's files (:func:`image_problem`; a bad case is an error naming
+    it, or with ``skip_bad_cases`` it is left out with a listed warning and recorded in the manifest), and
+    copies of ``imagesTr`` / ``imagesTs`` images (an error naming both files; ``allow_duplicates``: a warning).
     """
     from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
@@ -194,6 +236,20 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_identifie
             f"nnUNetv2_preprocess -d {dataset_name_or_id} -c {configuration} -plans_name {plans_identifier} first.")
     dataset_json = load_json(os.path.join(pp_base, "dataset.json"))
     cases = collect_unlabeled_cases(raw_folder, dataset_json)
+    reader = PlansManager(plans).image_reader_writer_class()
+    dataset_is_3d = plans["original_median_shape_after_transp"][0] > 1
+    bad = {c: p for c, p in ((c, image_problem(files, reader, dataset_is_3d)) for c, files in cases.items()) if p}
+    if bad:
+        listing = "\n".join(f"  {c}: {p}" for c, p in sorted(bad.items()))
+        if not skip_bad_cases:
+            raise UnlabeledDataError(f"{len(bad)} unlabeled case(s) in {UNLABELED_RAW_FOLDER}/ are unusable; nothing was "
+                                     f"written:\n{listing}\nFix or remove them, or pass --skip_bad_cases to leave them "
+                                     f"out.")
+        print(f"WARNING: leaving out {len(bad)} unusable unlabeled case(s) (--skip_bad_cases):\n{listing}",
+              file=sys.stderr)
+        cases = {c: files for c, files in cases.items() if c not in bad}
+        if not cases:
+            raise UnlabeledDataError(f"No usable unlabeled case is left in {UNLABELED_RAW_FOLDER}/.")
     copies = copies_of_known_images(raw_folder, [f for files in cases.values() for f in files])
     if copies:
         listing = "; ".join(f"{os.path.basename(u)} = {os.path.relpath(k, raw_folder)}" for u, k in copies[:5]) \
@@ -214,7 +270,7 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_identifie
         shutil.rmtree(out_folder)
     os.makedirs(out_folder, exist_ok=True)
     save_json({"fingerprint": fingerprint, "plans": plans_identifier, "configuration": configuration,
-               "cases": sorted(cases)}, manifest_file)
+               "cases": sorted(cases), "skipped": {c: bad[c] for c in sorted(bad)}}, manifest_file)
     for f in os.listdir(out_folder):  # leftovers of an interrupted run
         if f.startswith(".tmp_"):
             os.remove(os.path.join(out_folder, f))
@@ -252,8 +308,9 @@ def check_unlabeled_folder(out_folder: str, configuration_dict: dict, dataset_js
         manifest = json.load(f)
     if manifest.get("fingerprint") != configuration_fingerprint(configuration_dict, dataset_json):
         raise UnlabeledDataError(f"{out_folder} was preprocessed with other plans than the current ones. {fix}")
-    if raw_dataset_folder is not None:
-        cases = sorted(collect_unlabeled_cases(raw_dataset_folder, dataset_json))
+    if raw_dataset_folder is not None:  # every raw case but those the preprocessing left out as unusable
+        skipped = manifest.get("skipped", {})
+        cases = sorted(c for c in collect_unlabeled_cases(raw_dataset_folder, dataset_json) if c not in skipped)
     else:
         cases = sorted(manifest["cases"])
     missing = [c for c in cases if not os.path.isfile(os.path.join(out_folder, c + ".pkl"))]
@@ -273,12 +330,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     parser.add_argument("-np", type=int, default=int(os.environ.get("nnUNet_def_n_proc", 2)),
                         help="number of processes (default: nnUNet_def_n_proc or 2)")
+    parser.add_argument("--skip_bad_cases", action="store_true",
+                        help="leave out unreadable / inconsistent unlabeled cases with a listed warning instead of "
+                             "stopping")
     parser.add_argument("--allow_duplicates", action="store_true",
                         help="only warn when an unlabeled image is a copy of an imagesTr / imagesTs image")
     args = parser.parse_args(argv)
     try:
         for c in args.c:
-            preprocess_unlabeled(args.d, c, args.p, args.np, allow_duplicates=args.allow_duplicates)
+            preprocess_unlabeled(args.d, c, args.p, args.np, allow_duplicates=args.allow_duplicates,
+                                 skip_bad_cases=args.skip_bad_cases)
     except UnlabeledDataError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         sys.exit(2)

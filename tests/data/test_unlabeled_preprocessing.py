@@ -125,3 +125,69 @@ def test_a_renamed_copy_of_a_test_or_training_image_is_refused(nnunet_env, capsy
     main(["-d", str(DATASET_ID), "-c", CONFIG, "-np", "1", "--allow_duplicates"])
     assert "WARNING" in capsys.readouterr().err
     assert os.path.isfile(os.path.join(out_folder(nnunet_env), "unl_new.pkl"))
+
+
+def _write_image(path, array, spacing=(1.0, 1.0, 2.0)):
+    import SimpleITK as sitk
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing[:array.ndim])
+    sitk.WriteImage(image, path)
+
+
+@pytest.mark.parametrize("kind, problem", [
+    ("truncated", "unl_bad_0000.nii.gz is truncated or corrupt"),
+    ("2d", "it is 2D (shape (1, 32, 32)) but the dataset's images are 3D"),
+])
+def test_unusable_unlabeled_images_stop_the_command_before_anything_is_written(nnunet_env, capsys, kind, problem):
+    """The integrity check (nnU-Net's --verify_dataset_integrity for unlabeled images): one line naming the case
+    and what is wrong; nothing is written; --skip_bad_cases leaves the case out with a warning, and training
+    accepts the folder without it."""
+    from nnunetv2_samssl.data.unlabeled_preprocessing import check_unlabeled_folder
+    unlabeled = os.path.join(nnunet_env.dataset_raw, "imagesUnlabeled")
+    bad = os.path.join(unlabeled, "unl_bad_0000.nii.gz")
+    good = np.random.default_rng(0).normal(size=(16, 32, 32)).astype(np.float32)
+    if kind == "truncated":  # an interrupted copy: the reader itself would return a partial volume
+        _write_image(bad, good)
+        data = open(bad, "rb").read()
+        with open(bad, "wb") as f:
+            f.write(data[: len(data) // 2])
+    else:
+        _write_image(bad, good[0][None])
+    folder = out_folder(nnunet_env)
+    manifest_before = open(os.path.join(folder, "unlabeled_manifest.json")).read() \
+        if os.path.isfile(os.path.join(folder, "unlabeled_manifest.json")) else None
+    with pytest.raises(UnlabeledDataError) as error:
+        preprocess_unlabeled(DATASET_ID, CONFIG, num_processes=1)
+    assert f"unl_bad: {problem}" in str(error.value) and "--skip_bad_cases" in str(error.value)
+    assert not os.path.exists(os.path.join(folder, "unl_bad.pkl"))
+    if manifest_before is not None:
+        assert open(os.path.join(folder, "unlabeled_manifest.json")).read() == manifest_before
+
+    main(["-d", str(DATASET_ID), "-c", CONFIG, "-np", "1", "--skip_bad_cases"])
+    assert f"unl_bad: {problem}" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(folder, "unl_bad.pkl"))
+    plans = load_json(os.path.join(nnunet_env.dataset_pp, "nnUNetPlans.json"))
+    cases = check_unlabeled_folder(folder, plans["configurations"][CONFIG],
+                                   load_json(os.path.join(nnunet_env.dataset_pp, "dataset.json")),
+                                   "Dataset977_SamsslTiny", CONFIG, "nnUNetPlans", raw_dataset_folder=nnunet_env.dataset_raw)
+    assert "unl_bad" not in cases and len(cases) == 3
+
+
+def test_non_finite_values_and_channel_geometry_are_checked(tmp_path):
+    """(SimpleITK's NIfTI IO turns NaN into 0, so this uses NRRD, which keeps it.)"""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2_samssl.data.unlabeled_preprocessing import image_problem
+    good = np.zeros((8, 16, 16), np.float32)
+    with_nan = good.copy()
+    with_nan[1, 2, 3] = np.nan
+    paths = {}
+    for name, array, spacing in (("a", good, (1.0, 1.0, 2.0)), ("nan", with_nan, (1.0, 1.0, 2.0)),
+                                 ("other_spacing", good, (1.0, 1.0, 3.0)), ("other_shape", good[:4], (1.0, 1.0, 2.0))):
+        paths[name] = str(tmp_path / f"{name}.nrrd")
+        _write_image(paths[name], array, spacing)
+    reader = SimpleITKIO()
+    assert image_problem([paths["a"]], reader, dataset_is_3d=True) is None
+    assert "nan.nrrd has 1 non-finite value(s)" in image_problem([paths["nan"]], reader, True)
+    assert "channels differ in geometry" in image_problem([paths["a"], paths["other_spacing"]], reader, True)
+    assert "channels differ in geometry" in image_problem([paths["a"], paths["other_shape"]], reader, True)
+    assert "but the dataset's images are 2D" in image_problem([paths["a"]], reader, dataset_is_3d=False)
