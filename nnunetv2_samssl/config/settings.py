@@ -154,6 +154,12 @@ class SamModelSettings(SettingsGroup):
                                               "nnUNetv2_samssl_convert_sam_med3d.")
     sam_random_init: bool = _user(types=(bool,), doc="Use RANDOM promptable-model weights (tests and speed "
                                   "benchmarks only).")
+    sam_image_channel: Any = _user(types=(int, str), minimum=0,
+                                   doc="Which channel of the nnU-Net patch the promptable model sees: an index "
+                                       "(0 = the first channel of dataset.json) or a channel_names entry (e.g. T1c, "
+                                       "CT). 2D backends take RGB: the channel is replicated to R, G and B; 'rgb' "
+                                       "feeds the channels named R, G and B (nnU-Net's natural-image convention) as "
+                                       "they are.")
 
 
 PROMPT_MODES = ("point", "mask", "unc")

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional
+from typing import Mapping, Optional, Tuple, Union
 
 import torch
 
+from nnunetv2_samssl.config.schema import ConfigError
 from nnunetv2_samssl.config.settings import PseudoLabelLossSettings, SamLabelerSettings, SamModelSettings
 from nnunetv2_samssl.evaluation.metrics import mean_foreground_dice
 from nnunetv2_samssl.pseudo_labels.base import (NetworkOutputs, PseudoLabelSource, PseudoTargets, SourceContext,
@@ -33,15 +34,46 @@ def sam_weight(settings: PseudoLabelLossSettings, step: StepInfo) -> float:
     return w * sigmoid_rampdown(t, total, settings.sam_rampdown * total)
 
 
+def resolve_image_channel(value: Union[int, str], channel_names: Mapping[str, str],
+                          backend_is_2d: bool) -> Union[int, Tuple[int, int, int]]:
+    """The setting ``sam_image_channel`` -> a channel index (or the R, G, B indices for ``'rgb'``).
+
+    Args:
+        value: an index, a ``channel_names`` entry of dataset.json, or ``'rgb'``.
+        channel_names: dataset.json's ``{"0": "T1", "1": "T1c", ...}``.
+        backend_is_2d: 2D backends take three channels; SAM-Med3D takes one.
+    """
+    names = [channel_names[k] for k in sorted(channel_names, key=int)]
+    where = f"the dataset's channels (dataset.json channel_names) are {names}"
+    if isinstance(value, int):
+        if value >= len(names):
+            raise ConfigError(f"Setting sam_image_channel={value} is not a channel index: {where}.")
+        return value
+    if value.lower() == "rgb":
+        upper = [n.upper() for n in names]
+        if not backend_is_2d:
+            raise ConfigError("Setting sam_image_channel: rgb feeds three channels, but SAM-Med3D sees one: name one "
+                              f"channel instead; {where}.")
+        if not all(c in upper for c in "RGB"):
+            raise ConfigError(f"Setting sam_image_channel: rgb needs channels named R, G and B; {where}.")
+        return tuple(upper.index(c) for c in "RGB")
+    if value in names:
+        return names.index(value)
+    raise ConfigError(f"Setting sam_image_channel={value!r} names no channel: {where} (or give an index, or rgb).")
+
+
 def build_sam_labeler(model_settings: SamModelSettings, labeler_settings: SamLabelerSettings,
-                      device: torch.device):
-    """The promptable model named by the settings, frozen, behind a :class:`SamPseudoLabeler`."""
+                      device: torch.device, channel_names: Optional[Mapping[str, str]] = None):
+    """The promptable model named by the settings, frozen, behind a :class:`SamPseudoLabeler`.
+    ``channel_names`` (dataset.json) resolve the setting ``sam_image_channel``."""
     import dataclasses
 
     from nnunetv2_samssl.sam import registry
     from nnunetv2_samssl.sam.branch import SamPseudoLabeler
 
     kwargs: dict = {"random_init": model_settings.sam_random_init}
+    kwargs["image_channel"] = resolve_image_channel(model_settings.sam_image_channel, channel_names or {"0": "0"},
+                                                    not model_settings.sam_backend.startswith("sam_med3d"))
     if model_settings.sam_backend.startswith("sam_med3d"):
         kwargs["allow_pickle"] = model_settings.sam_checkpoint_allow_pickle
     model = registry.build_promptable_model(model_settings.sam_backend, model_settings.sam_checkpoint, device,

@@ -55,23 +55,26 @@ def boxes_to_xy(boxes: torch.Tensor) -> torch.Tensor:
     return boxes[..., [1, 0, 3, 2]]
 
 
-def min_max_first_channel(images: torch.Tensor, channel: int = 0, eps: float = 1e-8) -> torch.Tensor:
-    """Per-image min-max scaling of one channel to ``[0, 1]``.
+def min_max_first_channel(images: torch.Tensor, channel: Union[int, Sequence[int]] = 0,
+                          eps: float = 1e-8) -> torch.Tensor:
+    """Per-image min-max scaling to ``[0, 1]`` of one channel, or of three channels jointly (an RGB image).
 
     Args:
         images: ``(B, C, H, W)`` float tensor (nnU-Net-normalised intensities, any range).
-        channel: which input channel holds the image the SAM sees (the first modality by default).
+        channel: which input channel holds the image the SAM sees (the first modality by default), or the three
+            channels fed as R, G, B (scaled with one minimum and maximum, so colours keep their balance).
         eps: lower bound of the intensity range, so a constant image maps to zeros, not NaN.
     Returns:
-        ``(B, 1, H, W)`` float32 tensor in ``[0, 1]``.
+        ``(B, 1, H, W)`` (one channel) or ``(B, 3, H, W)`` float32 tensor in ``[0, 1]``.
     """
     if images.ndim != 4:
         raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(images.shape)}")
-    if not 0 <= channel < images.shape[1]:
+    channels = [channel] if isinstance(channel, int) else list(channel)
+    if not all(0 <= c < images.shape[1] for c in channels):
         raise ValueError(f"image_channel={channel} but the patch has {images.shape[1]} channel(s)")
-    image = images[:, channel:channel + 1].float()
-    low = image.amin(dim=(-2, -1), keepdim=True)
-    high = image.amax(dim=(-2, -1), keepdim=True)
+    image = images[:, channels].float()
+    low = image.amin(dim=(-3, -2, -1), keepdim=True)
+    high = image.amax(dim=(-3, -2, -1), keepdim=True)
     return (image - low) / (high - low).clamp_min(eps)
 
 
@@ -165,7 +168,7 @@ class SegmentAnything2DPromptable(PromptableModel):
 
     def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module, *,
                  pixel_mean: Sequence[float] = SAM_PIXEL_MEAN, pixel_std: Sequence[float] = SAM_PIXEL_STD,
-                 image_channel: int = 0, multimask_output: bool = False) -> None:
+                 image_channel: Union[int, Sequence[int]] = 0, multimask_output: bool = False) -> None:
         super().__init__()
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
@@ -174,7 +177,7 @@ class SegmentAnything2DPromptable(PromptableModel):
                              persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, -1, 1, 1),
                              persistent=False)
-        self.image_channel = int(image_channel)
+        self.image_channel = int(image_channel) if isinstance(image_channel, int) else tuple(map(int, image_channel))
         self.multimask_output = bool(multimask_output)
         self.input_space = InputSpace(
             ndim=2,
@@ -253,7 +256,7 @@ class SegmentAnything2DPromptable(PromptableModel):
         """nnU-Net patch -> segment-anything input.
 
         ``images[:, image_channel]`` is min-max scaled per image to ``[0, 255]``, replicated to three
-        channels, and standardised with the model's pixel mean/std.
+        channels (or three channels fed as R, G, B), and standardised with the model's pixel mean/std.
 
         Args:
             images: ``(B, C, H, W)``, ``(H, W) = input_space.size``, nnU-Net-normalised intensities.

@@ -26,7 +26,8 @@ class nnUNetTrainerSemiSAM(nnUNetTrainerMeanTeacher):
 
     def initialize_sources(self) -> None:
         s = self.settings
-        labeler = build_sam_labeler(s.sam_model, s.sam_labeler, self.device)
+        channel_names = self.dataset_json.get("channel_names", self.dataset_json.get("modality", {}))
+        labeler = build_sam_labeler(s.sam_model, s.sam_labeler, self.device, channel_names)
         self.sam_model = labeler.model
         context = self.source_context()
         diagnostics = s.sam_source.sam_diagnostics in ("auto", True)

@@ -70,3 +70,39 @@ def test_cached_pseudo_labels_cannot_be_soft():
     with pytest.raises(ConfigError, match="sam_target: soft"):
         resolve_config(SEMISAM_SCHEMA, "semisam", overrides={"sam_pseudo_labels": "cached", "sam_target": "soft",
                                                              "sam_checkpoint": "/x"}, environ={})
+
+
+def test_the_channel_sam_sees_is_named_by_index_or_by_dataset_json():
+    from nnunetv2_samssl.pseudo_labels.sam_online import resolve_image_channel
+    brats = {"0": "T1", "1": "T1c", "2": "T2", "3": "FLAIR"}
+    assert resolve_image_channel(0, brats, backend_is_2d=False) == 0
+    assert resolve_image_channel("T1c", brats, backend_is_2d=False) == 1
+    assert resolve_image_channel("FLAIR", brats, backend_is_2d=True) == 3
+    with pytest.raises(ConfigError, match=r"sam_image_channel='t1ce' names no channel.*\['T1', 'T1c', 'T2', 'FLAIR'\]"):
+        resolve_image_channel("t1ce", brats, backend_is_2d=False)
+    with pytest.raises(ConfigError, match="sam_image_channel=4 is not a channel index"):
+        resolve_image_channel(4, brats, backend_is_2d=False)
+    photo = {"0": "R", "1": "G", "2": "B"}
+    assert resolve_image_channel("rgb", {"0": "B", "1": "G", "2": "R"}, backend_is_2d=True) == (2, 1, 0)
+    assert resolve_image_channel("rgb", photo, backend_is_2d=True) == (0, 1, 2)
+    with pytest.raises(ConfigError, match="SAM-Med3D sees one"):
+        resolve_image_channel("rgb", photo, backend_is_2d=False)
+    with pytest.raises(ConfigError, match="needs channels named R, G and B"):
+        resolve_image_channel("rgb", brats, backend_is_2d=True)
+
+
+def test_backends_see_the_chosen_channel():
+    from nnunetv2_samssl.sam.sam_med3d.promptable import SAMMed3DPromptable
+    from nnunetv2_samssl.sam.segment_anything_2d import min_max_first_channel
+
+    torch.manual_seed(0)
+    patch = torch.randn(2, 3, 32, 32, 32)
+    second = SAMMed3DPromptable.from_checkpoint(None, config="tiny", random_init=True, image_channel=2)
+    first = SAMMed3DPromptable.from_checkpoint(None, config="tiny", random_init=True)
+    torch.testing.assert_close(second.normalize(patch), first.normalize(patch[:, 2:3]))
+    assert not torch.allclose(second.normalize(patch), first.normalize(patch))
+    rgb = min_max_first_channel(patch[:, :, 0], (0, 1, 2))  # one min and max over the three channels
+    assert rgb.shape == (2, 3, 32, 32) and float(rgb.amin()) == 0.0 and float(rgb.amax()) == 1.0
+    joint = (patch[:, :, 0] - patch[:, :, 0].amin((1, 2, 3), keepdim=True))
+    joint = joint / (patch[:, :, 0].amax((1, 2, 3), keepdim=True) - patch[:, :, 0].amin((1, 2, 3), keepdim=True))
+    torch.testing.assert_close(rgb, joint)

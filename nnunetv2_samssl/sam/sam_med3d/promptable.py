@@ -30,7 +30,7 @@ class SAMMed3DPromptable(PromptableModel):
     matches the raw rule for MR. For CT the raw rule can be reproduced exactly: z-normalisation does
     not change under a positive affine intensity map, so with nnU-Net's CT normalisation
     ``(HU - mean) / std`` pass ``foreground_threshold = -mean / std`` (the normalised value of 0 HU);
-    for raw intensities pass ``foreground_threshold = 0``. Only the first channel is used.
+    for raw intensities pass ``foreground_threshold = 0``. One channel is used (``image_channel``, 0 by default).
 
     Prompts: points with labels 1 (positive), 0 (negative) and -1 (padding), and low-res mask logits.
     Padding points are ignored exactly (masked out of attention), so prompt sets with different numbers
@@ -38,7 +38,7 @@ class SAMMed3DPromptable(PromptableModel):
     """
 
     def __init__(self, model: SAMMed3D, config: Union[str, SAMMed3DConfig] = "vit_b_ori",
-                 foreground_threshold: Optional[float] = None, frozen: bool = True) -> None:
+                 foreground_threshold: Optional[float] = None, frozen: bool = True, image_channel: int = 0) -> None:
         """
         Args:
             model: the network (e.g. from :func:`~.checkpoint.load_sam_med3d`).
@@ -52,6 +52,9 @@ class SAMMed3DPromptable(PromptableModel):
         self.config = cfg
         self.model = model
         self.foreground_threshold = foreground_threshold
+        if not isinstance(image_channel, int):
+            raise ValueError(f"SAM-Med3D sees one channel; image_channel must be an index, got {image_channel!r}")
+        self.image_channel = image_channel  # which channel of the nnU-Net patch the model sees
         self.input_space = InputSpace(
             ndim=3, size=(cfg.img_size,) * 3, spacing_mm=SAM_MED3D_SPACING_MM, in_channels=cfg.in_chans,
             low_res_size=(cfg.low_res_size,) * 3, prompt_kinds=frozenset({"points", "masks"}),
@@ -64,7 +67,7 @@ class SAMMed3DPromptable(PromptableModel):
     def from_checkpoint(cls, path, config: Union[str, SAMMed3DConfig] = "vit_b_ori",
                         device: Union[str, torch.device] = "cpu", allow_pickle: bool = False, *,
                         random_init: bool = False, foreground_threshold: Optional[float] = None,
-                        frozen: bool = True) -> "SAMMed3DPromptable":
+                        frozen: bool = True, image_channel: int = 0) -> "SAMMed3DPromptable":
         """Build ``config`` and load its weights strictly.
 
         Args:
@@ -87,7 +90,8 @@ class SAMMed3DPromptable(PromptableModel):
             model = build_sam_med3d(config).to(device)
         else:
             model = load_sam_med3d(path, config=config, allow_pickle=allow_pickle, device=device)
-        return cls(model, config, foreground_threshold=foreground_threshold, frozen=frozen)
+        return cls(model, config, foreground_threshold=foreground_threshold, frozen=frozen,
+                   image_channel=image_channel)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, C, S, S, S)`` -> ``(B, 1, S, S, S)`` float32 z-normalised over each sample's foreground.
@@ -97,7 +101,9 @@ class SAMMed3DPromptable(PromptableModel):
         """
         if images.ndim != 5 or images.shape[1] < 1:
             raise ValueError(f"normalize expects (B, C, D, H, W) images, got {tuple(images.shape)}")
-        x = images[:, :1].float()
+        if not 0 <= self.image_channel < images.shape[1]:
+            raise ValueError(f"image_channel={self.image_channel} but the patch has {images.shape[1]} channel(s)")
+        x = images[:, self.image_channel:self.image_channel + 1].float()
         dims = (2, 3, 4)
         if self.foreground_threshold is None:
             fg = x > x.amin(dim=dims, keepdim=True)
