@@ -80,9 +80,6 @@ def build_sam_labeler(model_settings: SamModelSettings, labeler_settings: SamLab
                                             **kwargs)
     if labeler_settings.prompt_kind == "auto" and model_settings.sam_backend == "litemedsam":
         labeler_settings = dataclasses.replace(labeler_settings, prompt_kind="boxes")  # trained with boxes
-    if labeler_settings.roi_margin is None:
-        labeler_settings = dataclasses.replace(
-            labeler_settings, roi_margin=labeler_settings.resolved_roi_margin(model.input_space.spacing_mm is not None))
     return SamPseudoLabeler.from_settings(model, labeler_settings)
 
 

@@ -25,7 +25,7 @@ import contextlib
 import hashlib
 import inspect
 import os
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -69,6 +69,7 @@ def geometry_only_view(transforms):
         raise RuntimeError("nnU-Net's training transforms have no SpatialTransform: geometry_only_view does not know "
                            "this nnU-Net version's augmentation")
     return ComposeTransforms(kept)
+
 
 # sha256 of inspect.getsource(...) of the nnU-Net methods copied here, per supported nnU-Net version
 PINNED_SOURCES: Dict[str, Dict[str, str]] = {
@@ -212,8 +213,8 @@ class nnUNetSeam:
         }
         atomic_torch_save(checkpoint, filename)
 
-    def checkpoint_to_load(self, filename: str) -> str:
-        """The file to load. Only the resume of a ``--c`` run (its first load) may choose: among final, latest
+    def checkpoint_to_load(self, filename: str) -> Tuple[str, Optional[dict]]:
+        """The file to load, and its content where choosing it meant reading it already (else ``None``). Only the resume of a ``--c`` run (its first load) may choose: among final, latest
         and best of this fold, the newest readable one (nnU-Net would take latest even if best were newer, or
         fail on a corrupt latest). Every other load (``--val``, ``--val_best``, ``-pretrained_weights`` is not a
         checkpoint load) reads exactly the file asked for."""
@@ -221,19 +222,20 @@ class nnUNetSeam:
         folder = os.path.dirname(os.path.abspath(filename))
         if not resuming or os.path.basename(filename) not in RESUME_CANDIDATES \
                 or folder != os.path.abspath(self.output_folder):
-            return filename
+            return filename, None
         load = lambda p: torch.load(p, map_location="cpu", weights_only=False)  # noqa: E731
         found = newest_checkpoint(folder, load, self.print_to_log_file)
         if found is None:
             raise RuntimeError(f"No readable checkpoint in {folder}; start a new training without --c.")
-        return found[0]
+        return found
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if not isinstance(filename_or_checkpoint, (str, os.PathLike)):
             raise TypeError("load_checkpoint takes the path of a checkpoint file (nnU-Net 2.8.1 cannot load a dict)")
-        filename = self.checkpoint_to_load(str(filename_or_checkpoint))
+        filename, checkpoint = self.checkpoint_to_load(str(filename_or_checkpoint))
         super().load_checkpoint(filename)  # nnU-Net's own: network_weights, optimizer, logger, epoch, ...
-        checkpoint = torch.load(filename, map_location=self.device, weights_only=False)
+        if checkpoint is None:  # our state (loading copies it onto the parts' devices)
+            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is None or "parts" not in state:
             raise RuntimeError(f"{filename} has no {self.__class__.__name__} training state (it was written by "
