@@ -49,24 +49,15 @@ def _set_env(e: NnunetEnv, monkeypatch=None):
             monkeypatch.setenv(k, v)
 
 
-@pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory) -> NnunetEnv:
-    from nnunetv2_samssl.demo.synthetic import make_demo_dataset
-
-    root = str(tmp_path_factory.mktemp("nnunet_tiny"))
-    e = NnunetEnv(root, os.path.join(root, "raw"), os.path.join(root, "preprocessed"), os.path.join(root, "results"))
+def build_session_dataset(tmp_path_factory, prefix: str, build, env_class=NnunetEnv) -> NnunetEnv:
+    """Runs ``build(raw_folder)`` once with the nnU-Net environment variables pointing at a fresh root (they are
+    restored afterwards) and returns that root as an ``env_class``."""
+    root = str(tmp_path_factory.mktemp(prefix))
+    e = env_class(root, os.path.join(root, "raw"), os.path.join(root, "preprocessed"), os.path.join(root, "results"))
     old = {k: os.environ.get(k) for k in e.env()}
     _set_env(e)
     try:
-        make_demo_dataset(e.raw, DATASET_ID, "SamsslTiny", num_labeled=6, num_unlabeled=3, num_test=2,
-                          shape=(16, 32, 32), spacing=(2.0, 1.0, 1.0), seed=3)
-        from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
-                                                                          preprocess)
-        extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True, clean=True, verbose=False)
-        plan_experiments([DATASET_ID])
-        preprocess([DATASET_ID], configurations=(CONFIG,), num_processes=(1,), verbose=False)
-        from nnunetv2_samssl.data.unlabeled_preprocessing import preprocess_unlabeled
-        preprocess_unlabeled(DATASET_ID, CONFIG, num_processes=1, verbose=False)
+        build(e.raw)
         os.makedirs(e.results, exist_ok=True)
     finally:
         for k, v in old.items():
@@ -77,14 +68,62 @@ def tiny_dataset(tmp_path_factory) -> NnunetEnv:
     return e
 
 
-@pytest.fixture
-def nnunet_env(tiny_dataset, tmp_path, monkeypatch) -> NnunetEnv:
-    """A private, writable copy of the tiny dataset's folders; environment variables point at it."""
-    root = str(tmp_path / "nnunet")
+def private_copy(base: NnunetEnv, tmp_path, monkeypatch, name: str = "nnunet") -> NnunetEnv:
+    """A private, writable copy of ``base``'s raw and preprocessed folders; environment variables point at it."""
+    root = str(tmp_path / name)
     for sub in ("raw", "preprocessed"):
-        shutil.copytree(os.path.join(tiny_dataset.root, sub), os.path.join(root, sub))
-    e = NnunetEnv(root, os.path.join(root, "raw"), os.path.join(root, "preprocessed"), os.path.join(root, "results"))
+        shutil.copytree(os.path.join(base.root, sub), os.path.join(root, sub))
+    e = type(base)(root, os.path.join(root, "raw"), os.path.join(root, "preprocessed"), os.path.join(root, "results"))
     os.makedirs(e.results)
     _set_env(e, monkeypatch)
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     return e
+
+
+def _build_tiny(raw: str) -> None:
+    from nnunetv2_samssl.demo.synthetic import make_demo_dataset
+    make_demo_dataset(raw, DATASET_ID, "SamsslTiny", num_labeled=6, num_unlabeled=3, num_test=2,
+                      shape=(16, 32, 32), spacing=(2.0, 1.0, 1.0), seed=3)
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
+                                                                      preprocess)
+    extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True, clean=True, verbose=False)
+    plan_experiments([DATASET_ID])
+    preprocess([DATASET_ID], configurations=(CONFIG,), num_processes=(1,), verbose=False)
+    from nnunetv2_samssl.data.unlabeled_preprocessing import preprocess_unlabeled
+    preprocess_unlabeled(DATASET_ID, CONFIG, num_processes=1, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> NnunetEnv:
+    return build_session_dataset(tmp_path_factory, "nnunet_tiny", _build_tiny)
+
+
+@pytest.fixture
+def nnunet_env(tiny_dataset, tmp_path, monkeypatch) -> NnunetEnv:
+    """A private, writable copy of the tiny dataset's folders; environment variables point at it."""
+    return private_copy(tiny_dataset, tmp_path, monkeypatch)
+
+
+@dataclass
+class BratsEnv(NnunetEnv):
+    @property
+    def dataset_raw(self) -> str:
+        from brats_like import BRATS_NAME
+        return os.path.join(self.raw, BRATS_NAME)
+
+    @property
+    def dataset_pp(self) -> str:
+        from brats_like import BRATS_NAME
+        return os.path.join(self.preprocessed, BRATS_NAME)
+
+
+@pytest.fixture(scope="session")
+def brats_dataset(tmp_path_factory) -> BratsEnv:
+    """The BraTS-like dataset of ``brats_like.py``, planned and preprocessed once per session."""
+    from brats_like import build_preprocessed
+    return build_session_dataset(tmp_path_factory, "nnunet_brats", build_preprocessed, BratsEnv)
+
+
+@pytest.fixture
+def brats_env(brats_dataset, tmp_path, monkeypatch) -> BratsEnv:
+    return private_copy(brats_dataset, tmp_path, monkeypatch, "nnunet_brats")

@@ -5,14 +5,20 @@ Two sources feed it:
 - preprocessed ``imagesUnlabeled`` cases (``<data_identifier>_unlabeled/``),
 - training cases of the fold demoted to unlabeled in labeled-subset mode (the configuration's folder).
 
-For every case only the image (``<case>.b2nd`` / ``.npy`` / ``.npz['data']``) and the properties are
-read; the ``_seg`` file is never opened, so the label of a demoted case cannot reach a loss or a
-prompt. The loader still needs a segmentation array for its crop/augment pipeline: it gets a
-zero-cost all-zero view (``np.broadcast_to``) and ``class_locations = {}`` (no foreground sampling).
+For every case the image (``<case>.b2nd`` / ``.npy`` / ``.npz['data']``), the properties and nnU-Net's
+non-zero mask are read, never a label value. The loader's segmentation channel carries that mask exactly as
+it does for labeled cases (-1 outside the non-zero region, 0 inside), so nnU-Net's ``MaskImageTransform``
+(``use_mask_for_norm``) and every other transform treat unlabeled patches like labeled ones, and
+``class_locations = {}`` (no foreground sampling). The mask comes from the ``_seg`` file, which holds only
+the mask for ``imagesUnlabeled`` cases; for a demoted case only the sign of its ``_seg`` values is read
+(nnU-Net writes -1 there for background voxels outside the non-zero region), through :class:`MaskedMap`, so
+changing its label values changes nothing. (The one thing the sign tells is that a voxel outside the image's
+non-zero region is not background, where a label reaches outside the imaged region.)
 
 Trainers that train on cached pseudo-labels (``pseudo_labels``, a
 :class:`~nnunetv2_samssl.data.pseudo_label_cache.PseudoLabelCache`) get those maps as the segmentation
-instead, so they ride through the same crop and augmentation as the image.
+instead (-1 outside the non-zero mask as well), so they ride through the same crop and augmentation as the
+image.
 
 The one exception is opt-in diagnostics: with ``hidden_label_cases`` the real labels of those demoted
 cases travel through the same crop/augmentation (which draws its random numbers independently of the
@@ -55,7 +61,8 @@ def _open_image(folder: str, identifier: str):
 
 
 def _open_seg(folder: str, identifier: str):
-    """The label map of a labeled case (diagnostics only, see the module docstring)."""
+    """The ``_seg`` array of a case: the label map of a labeled case (diagnostics only, or through
+    :class:`MaskedMap`), nnU-Net's non-zero mask of an ``imagesUnlabeled`` case."""
     b2nd = os.path.join(folder, identifier + "_seg.b2nd")
     if os.path.isfile(b2nd):
         import blosc2
@@ -67,11 +74,37 @@ def _open_seg(folder: str, identifier: str):
         return f["seg"]
 
 
+class MaskedMap:
+    """A read-only ``(1, *shape)`` array view that nnU-Net's loader crops like a ``_seg`` array: ``-1`` where
+    the case's ``_seg`` is negative (outside nnU-Net's non-zero mask), else ``labels`` (0 when ``None``).
+
+    Only what a crop reads is read from disk; the label values of ``seg`` never reach the result.
+    """
+
+    def __init__(self, seg, labels=None):
+        if labels is not None and tuple(labels.shape) != tuple(seg.shape):
+            raise ValueError(f"labels of shape {tuple(labels.shape)} for a mask of shape {tuple(seg.shape)}")
+        self.seg, self.labels = seg, labels
+        self.shape = tuple(seg.shape)
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(np.int16)
+
+    def __getitem__(self, index) -> np.ndarray:
+        outside = np.asarray(self.seg[index]) < 0
+        inside = np.zeros(outside.shape, np.int16) if self.labels is None \
+            else np.asarray(self.labels[index]).astype(np.int16)
+        return np.where(outside, np.int16(-1), inside)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[tuple(slice(None) for _ in self.shape)]
+        return out if dtype is None else out.astype(dtype)
+
+
 class UnlabeledDataset(nnUNetBaseDataset):
     """nnU-Net dataset interface over unlabeled cases from one or more folders.
 
-    ``load_case(id)`` returns ``(data (C, *shape) array, zero seg (1, *shape) read-only view, None,
-    properties with class_locations={})``.
+    ``load_case(id)`` returns ``(data (C, *shape) array, (1, *shape) mask view (-1 outside the non-zero region,
+    else 0 or the cached pseudo-label), None, properties with class_locations={})``.
     """
 
     def __init__(self, sources: Sequence[UnlabeledSource], hidden_label_cases: Sequence[str] = ()):
@@ -107,14 +140,20 @@ class UnlabeledDataset(nnUNetBaseDataset):
         data = _open_image(folder, identifier)
         properties = dict(load_pickle(os.path.join(folder, identifier + ".pkl")))
         properties["class_locations"] = {}
-        if self.pseudo_labels is not None:
-            if self.hidden_label_cases:
-                raise RuntimeError("An UnlabeledDataset carries either pseudo-labels or hidden labels, not both.")
-            return data, self.pseudo_labels.load(identifier, data.shape[1:]), None, properties
         if identifier in self.hidden_label_cases:
+            if self.pseudo_labels is not None:
+                raise RuntimeError("An UnlabeledDataset carries either pseudo-labels or hidden labels, not both.")
             return data, _open_seg(folder, identifier), None, properties
-        zero_seg = np.broadcast_to(np.zeros((1,) * len(data.shape), dtype=np.int16), (1, *data.shape[1:]))
-        return data, zero_seg, None, properties
+        labels = None if self.pseudo_labels is None else self.pseudo_labels.load(identifier, data.shape[1:])
+        return data, MaskedMap(self.load_mask_source(identifier, data.shape[1:]), labels), None, properties
+
+    def load_mask_source(self, identifier: str, spatial_shape):
+        """The array whose negative values mark nnU-Net's non-zero mask (see the module docstring); an all-zero
+        view (no mask) for a case preprocessed without one."""
+        try:
+            return _open_seg(self._folder_of[identifier], identifier)
+        except FileNotFoundError:
+            return np.broadcast_to(np.zeros((1,) * (1 + len(spatial_shape)), dtype=np.int16), (1, *spatial_shape))
 
     @staticmethod
     def save_case(data, seg, properties, output_filename_truncated):
