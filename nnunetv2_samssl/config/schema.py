@@ -23,12 +23,14 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import yaml
 
+from nnunetv2_samssl.errors import UserError
+
 CONFIG_ENV = "nnUNet_samssl_config"
 OVERRIDES_ENV = "nnUNet_samssl_overrides"
 BASE_KEY = "base"
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, UserError):
     """A setting is unknown, missing or has a bad value."""
 
 

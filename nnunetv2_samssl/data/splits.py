@@ -5,8 +5,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from nnunetv2_samssl.errors import UserError
 
-class LabeledSubsetError(ValueError):
+
+class LabeledSubsetError(ValueError, UserError):
     """num_labeled / labeled_cases do not fit the fold."""
 
 

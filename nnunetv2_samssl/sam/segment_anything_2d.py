@@ -24,6 +24,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from nnunetv2_samssl.errors import UserError
 from nnunetv2_samssl.sam.interface import InputSpace, PromptableModel
 from nnunetv2_samssl.sam.strict_loading import CHECKPOINT_SETTING, family_hint, state_dict_problems, torch_load
 
@@ -38,7 +39,7 @@ SAM_VIT_TYPES: Dict[str, Tuple[int, int]] = {"vit_b": (768, 12), "vit_l": (1024,
 _SEGMENT_ANYTHING_INSTALL = 'pip install "nnunetv2-samssl[segment-anything]"'
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(ValueError, UserError):
     """The checkpoint's keys or shapes do not match the architecture it is loaded into."""
 
 

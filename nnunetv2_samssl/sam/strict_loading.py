@@ -9,13 +9,15 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from nnunetv2_samssl.errors import UserError
+
 MAX_LISTED = 8
 CHECKPOINT_SETTING = "sam_checkpoint"
 # torch.save's legacy (pre-zip) files start with a pickled magic number: protocol 2, LONG1 of 10 bytes
 _LEGACY_HEADER = b"\x80\x02\x8a\x0a"
 
 
-class NotACheckpointError(ValueError):
+class NotACheckpointError(ValueError, UserError):
     """The file behind ``sam_checkpoint`` is empty, truncated or not a PyTorch checkpoint at all."""
 
 

@@ -22,6 +22,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from nnunetv2_samssl.errors import UserError
 from nnunetv2_samssl.sam.strict_loading import (CHECKPOINT_SETTING, family_hint, listed, state_dict_problems,
                                                 torch_load)
 
@@ -34,7 +35,7 @@ CONVERT_COMMAND = "nnUNetv2_samssl_convert_sam_med3d"
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class SAMCheckpointError(ValueError):
+class SAMCheckpointError(ValueError, UserError):
     """A SAM-Med3D checkpoint could not be loaded as configured (message says which setting to fix)."""
 
 
