@@ -104,17 +104,25 @@ def nnunet_env(tiny_dataset, tmp_path, monkeypatch) -> NnunetEnv:
     return private_copy(tiny_dataset, tmp_path, monkeypatch)
 
 
-@dataclass
-class BratsEnv(NnunetEnv):
+class OtherDatasetEnv(NnunetEnv):
+    """An environment whose dataset is ``dataset_name`` (a class attribute) instead of the tiny one."""
+    dataset_name = DATASET_NAME
+
     @property
     def dataset_raw(self) -> str:
-        from brats_like import BRATS_NAME
-        return os.path.join(self.raw, BRATS_NAME)
+        return os.path.join(self.raw, self.dataset_name)
 
     @property
     def dataset_pp(self) -> str:
-        from brats_like import BRATS_NAME
-        return os.path.join(self.preprocessed, BRATS_NAME)
+        return os.path.join(self.preprocessed, self.dataset_name)
+
+
+class BratsEnv(OtherDatasetEnv):
+    dataset_name = "Dataset978_BratsLike"
+
+
+class SparseEnv(OtherDatasetEnv):
+    dataset_name = "Dataset979_SparseLike"
 
 
 @pytest.fixture(scope="session")
@@ -127,3 +135,15 @@ def brats_dataset(tmp_path_factory) -> BratsEnv:
 @pytest.fixture
 def brats_env(brats_dataset, tmp_path, monkeypatch) -> BratsEnv:
     return private_copy(brats_dataset, tmp_path, monkeypatch, "nnunet_brats")
+
+
+@pytest.fixture(scope="session")
+def sparse_dataset(tmp_path_factory) -> SparseEnv:
+    """The sparsely annotated (ignore label) dataset of ``sparse_like.py``, planned and preprocessed once."""
+    from sparse_like import build_preprocessed
+    return build_session_dataset(tmp_path_factory, "nnunet_sparse", build_preprocessed, SparseEnv)
+
+
+@pytest.fixture
+def sparse_env(sparse_dataset, tmp_path, monkeypatch) -> SparseEnv:
+    return private_copy(sparse_dataset, tmp_path, monkeypatch, "nnunet_sparse")

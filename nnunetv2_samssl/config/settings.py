@@ -109,6 +109,10 @@ class UnlabeledSettings(SettingsGroup):
     use_unlabeled_folder: Any = _user(types=(bool, str), doc="Use the preprocessed imagesUnlabeled/ cases: auto "
                                       "(when nnUNet_raw/<dataset>/imagesUnlabeled or its preprocessed folder "
                                       "exists), true (required) or false.", choices=("auto", True, False))
+    learn_unannotated: bool = _user(types=(bool,), doc="Sparse annotation (an 'ignore' label in dataset.json): the "
+                                    "unannotated voxels of labeled patches also get the unlabeled-data terms "
+                                    "(teacher consistency, online pseudo-labels), annotated voxels keep only their "
+                                    "label. false: they get no loss at all, as in nnU-Net.")
 
 
 @dataclass(frozen=True)
@@ -159,7 +163,8 @@ class SamModelSettings(SettingsGroup):
                                        "(0 = the first channel of dataset.json) or a channel_names entry (e.g. T1c, "
                                        "CT). 2D backends take RGB: the channel is replicated to R, G and B; 'rgb' "
                                        "feeds the channels named R, G and B (nnU-Net's natural-image convention) as "
-                                       "they are.")
+                                       "they are; 'auto' (default) is 'rgb' for 2D backends on datasets with "
+                                       "channels R, G, B, else channel 0.")
 
 
 PROMPT_MODES = ("point", "mask", "unc")

@@ -30,6 +30,9 @@ def build_unlabeled_loader(dataset, batch_size: int, initial_patch_size: Sequenc
     loader = nnUNetDataLoader(dataset, batch_size, initial_patch_size, final_patch_size, label_manager,
                               oversample_foreground_percent=0.0, sampling_probabilities=None, pad_sides=None,
                               transforms=transforms, probabilistic_oversampling=False)
+    # unlabeled cases have no class locations: with an ignore label nnU-Net's sampler would look up the
+    # locations of annotated voxels; unlabeled patches are drawn uniformly like any non-oversampled patch
+    loader.has_ignore = False
     if num_processes == 0:
         return SingleThreadedAugmenter(loader, None)
     return NonDetMultiThreadedAugmenter(data_loader=loader, transform=None, num_processes=num_processes,

@@ -71,7 +71,7 @@ def student_teacher_disagreement(student: Tensor, teacher: Tensor, dim: int = 1)
 
 
 def prompt_uncertainty(prompt_probs: Tensor, measure: str = "entropy", student: Optional[Tensor] = None,
-                       teacher: Optional[Tensor] = None, dim: int = 1) -> Tensor:
+                       teacher: Optional[Tensor] = None, dim: int = 1, regions: bool = False) -> Tensor:
     """The uncertainty map that gates prompt selection, in ``[0, 1]`` per voxel.
 
     One definition for every way pseudo-labels are made (per patch or per whole case): the entropy is that of
@@ -84,9 +84,17 @@ def prompt_uncertainty(prompt_probs: Tensor, measure: str = "entropy", student: 
             :func:`student_teacher_disagreement` (needs ``student`` and ``teacher``); ``"max"``: the larger of
             the two.
         student, teacher: ``(B, K, *spatial)`` probabilities, for the measures that compare them.
+        regions: the ``K`` channels are independent sigmoid regions (nnU-Net's region-based training): the
+            measure of each region's binary distribution, the largest over regions.
     Returns:
         ``(B, *spatial)`` float32.
     """
+    if regions:
+        def per_region(x: Optional[Tensor]) -> Optional[Tensor]:
+            return None if x is None else x.movedim(dim, 1).reshape(-1, 1, *x.movedim(dim, 1).shape[2:])
+        b, r = prompt_probs.shape[0], prompt_probs.shape[dim]
+        each = prompt_uncertainty(per_region(prompt_probs), measure, per_region(student), per_region(teacher))
+        return each.view(b, r, *each.shape[1:]).amax(1)
     if measure not in UNCERTAINTY_MEASURES:
         raise ValueError(f"uncertainty measure must be one of {UNCERTAINTY_MEASURES}, got {measure!r}")
     if measure in ("disagreement", "max") and (teacher is None or student is None):

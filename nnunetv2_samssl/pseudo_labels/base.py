@@ -25,6 +25,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
+from nnunetv2_samssl.pseudo_labels.label_space import LabelSpace
+
 Tensor = torch.Tensor
 Outputs = Union[Tensor, List[Tensor]]
 
@@ -60,17 +62,21 @@ class UnlabeledBatch:
 @dataclass
 class NetworkOutputs:
     """What the trainer's networks predicted on the unlabeled batch: logits, deep-supervision lists where
-    enabled (full resolution first). ``student`` carries the gradient; ``teacher`` is ``None`` without one."""
+    enabled (full resolution first). ``student`` carries the gradient; ``teacher`` is ``None`` without one.
+    ``space`` says what the channels are (softmax classes unless given)."""
 
     student: Outputs
     teacher: Optional[Outputs] = None
+    space: Optional[LabelSpace] = None
 
     def probabilities(self, which: str = "student") -> Tensor:
-        """Detached full-resolution softmax ``(b_u, K, *patch)`` of the student or the teacher."""
+        """Detached full-resolution probabilities ``(b_u, channels, *patch)`` of the student or the teacher:
+        softmax, or per-region sigmoid in a region space."""
         out = self.student if which == "student" else self.teacher
         if out is None:
             raise ValueError(f"no {which} outputs")
-        return torch.softmax(full_resolution(out).detach().float(), 1)
+        logits = full_resolution(out).detach().float()
+        return self.space.probabilities(logits) if self.space is not None else torch.softmax(logits, 1)
 
 
 @dataclass
@@ -79,7 +85,8 @@ class PseudoTargets:
 
     Attributes:
         targets: per scale (full resolution first; one entry = full resolution only): hard labels
-            ``(b_u, *scale)`` (long) or probabilities ``(b_u, K, *scale)`` summing to 1 over ``K``.
+            ``(b_u, *scale)`` (long) or probabilities ``(b_u, K, *scale)`` summing to 1 over ``K``; in a region
+            space ``(b_u, R, *scale)`` region probabilities (binary masks for hard targets).
         valid: per scale, ``(b_u, *scale)`` bool: voxels the targets speak for. Others get no loss.
         weight: the loss weight ``w(t)`` of this step.
         uncertainty: optional ``(b_u, *patch)`` voxel weights (SemiSAM+ ``unc``), full resolution.
@@ -117,9 +124,11 @@ class SourceContext:
     Attributes:
         device, num_classes (segmentation heads K), patch_spacing (mm, tensor axis order), patch_size,
         patch_ndim (2 or 3), deep_supervision_scales (``None`` without deep supervision), output_folder,
-        log (the trainer's log), rank / world_size / barrier (DDP; 0 / 1 / no-op otherwise),
-        predict_case: ``(which, image (C, *shape)) -> softmax (K, *shape)`` of the student or teacher on a whole
-        case (nnU-Net's sliding window), on the device.
+        log (the trainer's log), rank / world_size / barrier (DDP; 0 / 1 / no-op otherwise), gather (DDP:
+        ``value -> [value of every rank]``; ``[value]`` otherwise),
+        predict_case: ``(which, image (C, *shape)) -> probabilities (channels, *shape)`` of the student or teacher
+        on a whole case (nnU-Net's sliding window and output activation), on the device.
+        space: what the output channels are (:class:`LabelSpace`; label-based with ``num_classes`` if ``None``).
     """
 
     device: torch.device
@@ -134,6 +143,12 @@ class SourceContext:
     rank: int = 0
     world_size: int = 1
     barrier: Callable[[], None] = lambda: None
+    space: Optional[LabelSpace] = None
+    gather: Callable[[Any], List[Any]] = lambda value: [value]
+
+    def __post_init__(self):
+        if self.space is None:
+            self.space = LabelSpace(self.num_classes)
 
 
 class PseudoLabelSource(abc.ABC):

@@ -17,13 +17,15 @@ class PseudoLabelLoss:
     deep-supervision weighted sum over those scales (``deep_supervision_weights``, nnU-Net's); with one entry it
     acts on the full-resolution output only (and takes the targets' uncertainty map, if any). ``normalization``:
     voxels without a target count 0 and the mean is over the whole patch (``"patch"``, the anchors') or over the
-    voxels with a target (``"valid"``).
+    voxels with a target (``"valid"``). ``regions``: the channels are sigmoid regions and the targets region
+    probabilities or masks (see :mod:`~nnunetv2_samssl.pseudo_labels.label_space`).
     """
 
     def __init__(self, form: str, num_classes: int, deep_supervision_weights: Optional[Sequence[float]] = None,
-                 normalization: str = "valid"):
+                 normalization: str = "valid", regions: bool = False):
         self.num_classes = num_classes
-        self.loss = SamPseudoLabelLoss(form, deep_supervision_weights, normalization=normalization)
+        self.loss = SamPseudoLabelLoss(form, deep_supervision_weights, normalization=normalization,
+                                       activation="sigmoid" if regions else "softmax")
 
     def probabilities(self, target: torch.Tensor, hard: bool) -> torch.Tensor:
         return F.one_hot(target, self.num_classes).movedim(-1, 1).float() if hard else target

@@ -48,7 +48,8 @@ class CachedSamSource(SamSource):
         super().__init__(labeler, loss_settings, context, diagnostics, seed)
         self.refresh_epochs = refresh_epochs
         self.needs_teacher = needs_teacher
-        self.cache = PseudoLabelCache(os.path.join(context.output_folder, "sam_pseudo_labels"), context.num_classes)
+        self.cache = PseudoLabelCache(os.path.join(context.output_folder, "sam_pseudo_labels"),
+                                      context.space.unknown_label)
         self.dataset = None
         self.demoted: frozenset = frozenset()
         self.generation: Optional[str] = None  # the generation the unlabeled batches carry (None: none yet)
@@ -103,7 +104,7 @@ class CachedSamSource(SamSource):
         if ctx.rank == 0:
             self.cache.clear_staging(name)
         ctx.barrier()
-        k = ctx.num_classes
+        unknown = self.cache.unknown_label
         sam_dice: List[float] = []
         prompt_dice: List[float] = []
         covered: List[float] = []
@@ -111,16 +112,20 @@ class CachedSamSource(SamSource):
             image = torch.from_numpy(np.asarray(self.dataset.load_image(case)[:], dtype=np.float32))
             student = ctx.predict_case("student", image)
             teacher = ctx.predict_case("teacher", image) if self.needs_teacher else None
-            hard, valid = self._label_whole_case(image, student, teacher)
-            stored = torch.where(valid, hard, torch.full_like(hard, k))
+            labels, valid = self._label_whole_case(image, student, teacher)
+            stored = torch.where(valid, labels, torch.full_like(labels, unknown))
             self.cache.write_case(name, case, stored.cpu().numpy(), ctx.patch_size)
             covered.append(float(valid.float().mean()))
             if self.diagnostics and case in self.demoted:  # logged only: nothing here reaches a loss or a prompt
                 reference = torch.from_numpy(np.asarray(self.dataset.load_hidden_label(case)[:])[0].astype(np.int64))
-                scores = self.dice_diagnostics(reference.to(ctx.device)[None], hard[None], student.argmax(0)[None], k)
+                scores = self.dice_diagnostics(reference.to(ctx.device)[None], labels[None],
+                                               ctx.space.to_label_map(student[None]))
                 sam_dice.append(scores["sam_pseudo_dice"])
                 prompt_dice.append(scores["prompt_dice"])
-        ctx.barrier()
+        # the log line and the logged Dice speak for every case, whichever rank made it; the gather is a collective,
+        # so every rank has written its share when rank 0 publishes
+        shares = ctx.gather((covered, sam_dice, prompt_dice))
+        covered, sam_dice, prompt_dice = ([x for share in shares for x in share[i]] for i in range(3))
         if ctx.rank == 0:
             self.cache.publish(name)
         ctx.barrier()
@@ -136,16 +141,17 @@ class CachedSamSource(SamSource):
 
     def _label_whole_case(self, image: torch.Tensor, student: torch.Tensor,
                           teacher: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """SAM hard labels and validity ``(*shape)`` of a whole case ``(C, *shape)`` from the softmax maps
-        ``(K, *shape)``. A 2D configuration labels the case's slices (its patch axes) as one batch."""
+        """SAM label map and validity ``(*shape)`` of a whole case ``(C, *shape)`` from the probability maps
+        ``(channels, *shape)``; region pseudo-labels are stored as the label map nnU-Net paints from them
+        (``regions_class_order``). A 2D configuration labels the case's slices (its patch axes) as one batch."""
         slices = self.context.patch_ndim == 2
         as_batch = (lambda t: t.movedim(1, 0)) if slices else (lambda t: t[None])
-        pseudo = self.labeler(as_batch(image.to(self.context.device)), as_batch(student),
-                              None if teacher is None else as_batch(teacher),
-                              patch_spacing=self.context.patch_spacing, generator=self.generator)
+        pseudo = self.label(as_batch(image.to(self.context.device)), as_batch(student),
+                            None if teacher is None else as_batch(teacher))
+        labels = self.context.space.to_label_map(pseudo.probabilities)
         if slices:
-            return pseudo.hard_label, pseudo.valid
-        return pseudo.hard_label[0], pseudo.valid[0]
+            return labels, pseudo.valid
+        return labels[0], pseudo.valid[0]
 
     # ------------------------------------------------------------------ per step
     def pseudo_labels(self, batch: UnlabeledBatch, outputs: NetworkOutputs, step: StepInfo
@@ -153,11 +159,14 @@ class CachedSamSource(SamSource):
         if self.generation is None:
             # before the first refresh: no SAM loss at all (the loader's padding would read as background)
             return None
-        k = self.context.num_classes
+        space, unknown = self.context.space, self.cache.unknown_label
         maps = batch.loader_maps if self.loss_settings.sam_loss_scales == "all" else batch.loader_maps[:1]
         labels = [m[:, 0].long() for m in maps]
-        valid = [(m >= 0) & (m < k) for m in labels]
-        targets = [m.clamp(0, k - 1) for m in labels]
+        valid = [(m >= 0) & (m < unknown) for m in labels]
+        if space.has_regions:  # the stored label map -> the region masks it paints
+            targets = [space.region_masks(m).float() for m in labels]
+        else:
+            targets = [m.clamp(0, unknown - 1) for m in labels]
         metrics = {"sam_time_s": float("nan"), "sam_valid_fraction": float(valid[0].float().mean()),
                    "sam_pseudo_dice": self._stats.get("sam_pseudo_dice", float("nan")),
                    "prompt_dice": self._stats.get("prompt_dice", float("nan"))}

@@ -17,7 +17,6 @@ import torch
 
 from nnunetv2_samssl.config.schema import ConfigError
 from nnunetv2_samssl.config.settings import PseudoLabelLossSettings, SamLabelerSettings, SamModelSettings
-from nnunetv2_samssl.evaluation.metrics import mean_foreground_dice
 from nnunetv2_samssl.pseudo_labels.base import (NetworkOutputs, PseudoLabelSource, PseudoTargets, SourceContext,
                                                 StepInfo, UnlabeledBatch)
 from nnunetv2_samssl.ssl.ramps import sigmoid_rampdown
@@ -39,12 +38,17 @@ def resolve_image_channel(value: Union[int, str], channel_names: Mapping[str, st
     """The setting ``sam_image_channel`` -> a channel index (or the R, G, B indices for ``'rgb'``).
 
     Args:
-        value: an index, a ``channel_names`` entry of dataset.json, or ``'rgb'``.
+        value: an index, a ``channel_names`` entry of dataset.json, ``'rgb'``, or ``'auto'`` (the default):
+            ``'rgb'`` for a 2D backend when the channels include R, G and B (nnU-Net's natural-image
+            convention), else channel 0.
         channel_names: dataset.json's ``{"0": "T1", "1": "T1c", ...}``.
         backend_is_2d: 2D backends take three channels; SAM-Med3D takes one.
     """
     names = [channel_names[k] for k in sorted(channel_names, key=int)]
     where = f"the dataset's channels (dataset.json channel_names) are {names}"
+    if isinstance(value, str) and value.lower() == "auto":
+        is_rgb = all(c in [n.upper() for n in names] for c in "RGB")
+        value = "rgb" if backend_is_2d and is_rgb else 0
     if isinstance(value, int):
         if value >= len(names):
             raise ConfigError(f"Setting sam_image_channel={value} is not a channel index: {where}.")
@@ -59,7 +63,8 @@ def resolve_image_channel(value: Union[int, str], channel_names: Mapping[str, st
         return tuple(upper.index(c) for c in "RGB")
     if value in names:
         return names.index(value)
-    raise ConfigError(f"Setting sam_image_channel={value!r} names no channel: {where} (or give an index, or rgb).")
+    raise ConfigError(f"Setting sam_image_channel={value!r} names no channel: {where} (or give an index, rgb or "
+                      f"auto).")
 
 
 def build_sam_labeler(model_settings: SamModelSettings, labeler_settings: SamLabelerSettings,
@@ -102,15 +107,25 @@ class SamSource(PseudoLabelSource):
         self.diagnostics = diagnostics
         self.generator = torch.Generator(device=context.device).manual_seed(seed + context.rank)
 
-    @staticmethod
-    def dice_diagnostics(reference: Optional[torch.Tensor], pseudo_label: torch.Tensor,
-                         prompting: torch.Tensor, num_classes: int) -> dict:
-        """Dice of the pseudo-label and of the prompting prediction (label maps ``(B, *s)``) against hidden labels
-        ``(B, *s)`` (-1 = none): logged, never a target. NaN without hidden labels."""
+    @property
+    def regions(self) -> bool:
+        return self.context.space.has_regions
+
+    def label(self, images: torch.Tensor, student: torch.Tensor, teacher: Optional[torch.Tensor]):
+        """The SAM branch on ``images`` prompted by the probabilities of the student (and teacher)."""
+        return self.labeler(images, student, teacher, patch_spacing=self.context.patch_spacing,
+                            generator=self.generator, regions=self.regions)
+
+    def dice_diagnostics(self, reference: Optional[torch.Tensor], pseudo_label: torch.Tensor,
+                         prompting: torch.Tensor) -> dict:
+        """Foreground Dice (classes, or regions) of the pseudo-label and of the prompting prediction (label maps
+        ``(B, *s)``) against hidden labels ``(B, *s)`` (-1 = none): logged, never a target. NaN without hidden
+        labels."""
         if reference is None:
             return {"sam_pseudo_dice": float("nan"), "prompt_dice": float("nan")}
-        return {"sam_pseudo_dice": mean_foreground_dice(pseudo_label, reference, num_classes),
-                "prompt_dice": mean_foreground_dice(prompting, reference, num_classes)}
+        space = self.context.space
+        return {"sam_pseudo_dice": space.foreground_dice(pseudo_label, reference),
+                "prompt_dice": space.foreground_dice(prompting, reference)}
 
 
 class OnlineSamSource(SamSource):
@@ -142,21 +157,22 @@ class OnlineSamSource(SamSource):
         start = time.perf_counter()
         student = outputs.probabilities("student")
         teacher = outputs.probabilities("teacher") if outputs.teacher is not None else None
-        pseudo = self.labeler(batch.images, student, teacher, patch_spacing=self.context.patch_spacing,
-                              generator=self.generator)
+        pseudo = self.label(batch.images, student, teacher)
         scales = self.context.deep_supervision_scales
         if scales is not None and self.loss_settings.sam_loss_scales == "all":
             pairs = pseudo.at_scales(scales)
             targets, valid = [p for p, _ in pairs], [v for _, v in pairs]
         else:
             targets, valid = [pseudo.probabilities], [pseudo.valid]
+        space = self.context.space
         if self.loss_settings.sam_target == "hard":  # the anchors binarise SAM's output
-            targets = [t.argmax(1) for t in targets]
+            targets = [space.hard(t) for t in targets]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         metrics = {"sam_time_s": time.perf_counter() - start,
                    "sam_valid_fraction": float(pseudo.valid.float().mean())}
         reference = None if batch.hidden_labels is None else batch.hidden_labels[:, 0].long()
-        metrics.update(self.dice_diagnostics(reference, pseudo.hard_label, student.argmax(1), student.shape[1]))
+        metrics.update(self.dice_diagnostics(reference, space.to_label_map(pseudo.probabilities),
+                                             space.to_label_map(student)))
         return PseudoTargets(targets, valid, sam_weight(self.loss_settings, step), pseudo.uncertainty, metrics)
 

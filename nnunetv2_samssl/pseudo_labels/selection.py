@@ -8,6 +8,10 @@ targets as before, the wrapper narrows their valid mask, scale by scale. Measure
   argmax of soft targets) must reach ``threshold``;
 - ``agreement``: the student's prediction (argmax) must equal the pseudo-label class.
 
+Region-based outputs (independent sigmoids): ``confidence`` is the teacher's probability of each region's
+pseudo-label (``p`` inside, ``1 - p`` outside), the smallest over regions; ``agreement`` needs every region of the
+student (``p > 0.5``) to equal the pseudo-label's.
+
 ``level="voxel"`` selects voxels; ``level="case"`` keeps or drops each sample whole, by the mean of the measure
 over its valid voxels (``>= threshold``). The fraction of the source's valid voxels that is kept is logged per
 step as ``{name}_selected_fraction`` (drawn in ``progress.png``). Nothing here reads a label.
@@ -50,15 +54,29 @@ class SelectedSource(PseudoLabelSource):
         self.log_panels = {**source.log_panels, "Pseudo-label selection (SFR+)": [self.fraction_key]}
 
     def score(self, targets: PseudoTargets, outputs: NetworkOutputs, scale: int) -> torch.Tensor:
-        """``(b_u, *scale)`` per-voxel measure in ``[0, 1]`` at one target scale."""
+        """``(b_u, *scale)`` per-voxel measure in ``[0, 1]`` at one target scale. Region-based outputs: the
+        least confident region (``confidence``), every region agreeing (``agreement``)."""
+        if outputs.space is not None and outputs.space.has_regions:
+            return self._region_score(targets.targets[scale] > 0.5, outputs, scale)
         labels = targets.hard_labels(scale)
         if self.measure == "agreement":
             student = as_scales(outputs.student)[scale].detach()
             return (student.argmax(1) == labels).float()
+        teacher = torch.softmax(self._teacher(outputs, scale), 1)
+        return teacher.gather(1, labels.unsqueeze(1)).squeeze(1)
+
+    def _region_score(self, masks: torch.Tensor, outputs: NetworkOutputs, scale: int) -> torch.Tensor:
+        if self.measure == "agreement":
+            student = as_scales(outputs.student)[scale].detach() > 0
+            return (student == masks).all(1).float()
+        teacher = torch.sigmoid(self._teacher(outputs, scale))
+        return torch.where(masks, teacher, 1.0 - teacher).amin(1)
+
+    @staticmethod
+    def _teacher(outputs: NetworkOutputs, scale: int) -> torch.Tensor:
         if outputs.teacher is None:
             raise ValueError("confidence selection needs the teacher's outputs")
-        teacher = torch.softmax(as_scales(outputs.teacher)[scale].detach().float(), 1)
-        return teacher.gather(1, labels.unsqueeze(1)).squeeze(1)
+        return as_scales(outputs.teacher)[scale].detach().float()
 
     def select(self, targets: PseudoTargets, outputs: NetworkOutputs) -> PseudoTargets:
         valid: List[torch.Tensor] = []

@@ -17,6 +17,10 @@ Prompts are drawn in model space, on the student's probabilities resampled into 
 keeps every prompt inside its crop (tiles, slices) and lets the click loop compare SAM's output with the
 segmentation model's prediction on SAM's own grid.
 
+Region-based training (``regions=True``): the channels are independent sigmoid regions (nested or overlapping);
+each region is an object with its own query (prompts from ``p_r > 0.5``, uncertainty the largest binary entropy
+over regions), and the pseudo-label of region ``r`` is SAM's sigmoid of its query, with no combination step.
+
 Combining classes: each foreground class ``k`` gets an independent SAM probability ``q_k`` (sigmoid of its own
 query; 0 where the class was not queried). Overlaps are resolved per voxel by
 ``p_0 = 1 - max_k q_k`` and ``p_k = max_j q_j * q_k / sum_j q_j``: the foreground mass is the strongest class's
@@ -65,17 +69,20 @@ class SamPseudoLabel:
             other modes.
         stats: ``num_crops`` (encoder inputs), ``num_queries`` (decoder queries), ``num_decoder_calls``,
             ``points_per_query``, ``valid_fraction``.
+        regions: the probabilities are ``(B, R, *patch)`` independent region probabilities.
     """
 
     probabilities: Tensor
     valid: Tensor
     uncertainty: Optional[Tensor]
     stats: Dict[str, float] = field(default_factory=dict)
+    regions: bool = False
 
     @property
     def hard_label(self) -> Tensor:
-        """``(B, *patch)`` long argmax of :attr:`probabilities`."""
-        return self.probabilities.argmax(1)
+        """Hard targets: ``(B, *patch)`` long argmax of :attr:`probabilities`, or ``(B, R, *patch)`` float region
+        masks (``p > 0.5``)."""
+        return (self.probabilities > 0.5).float() if self.regions else self.probabilities.argmax(1)
 
     def at_scales(self, scales: Sequence, min_valid_fraction: float = 0.5) -> List[Tuple[Tensor, Tensor]]:
         """``(probabilities, valid)`` at nnU-Net's deep-supervision scales (see :func:`downsample_to_scales`)."""
@@ -186,17 +193,18 @@ class SamPseudoLabeler:
         hi = torch.minimum(hi + self.settings.box_margin, upper)
         return torch.cat([lo, hi], 1).float()
 
-    def _empty(self, source: Tensor, crops: int) -> "SamPseudoLabel":
+    def _empty(self, source: Tensor, crops: int, regions: bool) -> "SamPseudoLabel":
         b, patch = source.shape[0], source.shape[2:]
         valid = torch.zeros((b, *patch), dtype=torch.bool, device=source.device)
         uncertainty = torch.zeros((b, *patch), device=source.device) if self.mode == "unc" else None
         stats = dict(num_crops=float(crops), num_queries=0.0, num_decoder_calls=0.0, points_per_query=0.0,
                      valid_fraction=0.0)
-        return SamPseudoLabel(source.clone(), valid, uncertainty, stats)
+        return SamPseudoLabel(source.clone(), valid, uncertainty, stats, regions)
 
     # ------------------------------------------------------------------ main entry
     def __call__(self, images: Tensor, student_probs: Tensor, teacher_probs: Optional[Tensor] = None, *,
-                 patch_spacing: Sequence[float], generator: Optional[torch.Generator] = None) -> SamPseudoLabel:
+                 patch_spacing: Sequence[float], generator: Optional[torch.Generator] = None,
+                 regions: bool = False) -> SamPseudoLabel:
         """SAM pseudo-labels for a batch of unlabeled patches.
 
         Args:
@@ -205,14 +213,16 @@ class SamPseudoLabeler:
             teacher_probs: optional ``(B, K, *patch)`` softmax probabilities of the EMA teacher.
             patch_spacing: voxel spacing (mm) of the patch, tensor axis order (the nnU-Net configuration's).
             generator: makes prompt sampling deterministic.
+            regions: the probabilities are ``(B, R, *patch)`` independent sigmoid regions (R >= 1), not a softmax.
         Returns:
             :class:`SamPseudoLabel`. No label is read anywhere on this path.
         """
         if images.dim() not in (4, 5):
             raise ValueError(f"images must be (B, C, *patch) with a 2D or 3D patch, got {tuple(images.shape)}")
         if student_probs.dim() != images.dim() or student_probs.shape[0] != images.shape[0] \
-                or student_probs.shape[2:] != images.shape[2:] or student_probs.shape[1] < 2:
-            raise ValueError(f"student_probs must be (B, K>=2, *patch) softmax probabilities matching images "
+                or student_probs.shape[2:] != images.shape[2:] or student_probs.shape[1] < (1 if regions else 2):
+            raise ValueError(f"student_probs must be (B, K>=2, *patch) softmax (or (B, R>=1, *patch) region) "
+                             f"probabilities matching images "
                              f"{tuple(images.shape)}, got {tuple(student_probs.shape)}")
         if teacher_probs is not None and teacher_probs.shape != student_probs.shape:
             raise ValueError(f"teacher_probs {tuple(teacher_probs.shape)} must match student_probs "
@@ -220,10 +230,11 @@ class SamPseudoLabeler:
         if self.settings.prompt_source != "student" and teacher_probs is None:
             raise ValueError(f"prompt_source={self.settings.prompt_source!r} needs teacher_probs")
         with torch.no_grad():
-            return self._pseudo_label(images, student_probs, teacher_probs, patch_spacing, generator)
+            return self._pseudo_label(images, student_probs, teacher_probs, patch_spacing, generator, regions)
 
     def _pseudo_label(self, images: Tensor, student_probs: Tensor, teacher_probs: Optional[Tensor],
-                      patch_spacing: Sequence[float], generator: Optional[torch.Generator]) -> SamPseudoLabel:
+                      patch_spacing: Sequence[float], generator: Optional[torch.Generator],
+                      regions: bool = False) -> SamPseudoLabel:
         self.model.eval()
         self._decoder_calls = 0
         student = student_probs.detach().float()
@@ -231,18 +242,22 @@ class SamPseudoLabeler:
         source = {"student": student, "teacher": teacher,
                   "mean": None if teacher is None else 0.5 * (student + teacher)}[self.settings.prompt_source]
         # (B, *patch); the entropy is the prompt source's, so per-patch and whole-case labelling agree
-        uncertainty = prompt_uncertainty(source, self.settings.uncertainty_measure, student, teacher)
-        num_classes, ndim = source.shape[1], source.dim() - 2
-        predicted = source.argmax(1)
-        classes = torch.arange(1, num_classes, device=source.device).view(1, -1, *([1] * ndim))
-        foreground = predicted.unsqueeze(1) == classes  # (B, K-1, *patch)
+        uncertainty = prompt_uncertainty(source, self.settings.uncertainty_measure, student, teacher,
+                                         regions=regions)
+        ndim = source.dim() - 2
+        num_objects = source.shape[1] if regions else source.shape[1] - 1  # foreground channels, one query each
+        if regions:
+            foreground = source > 0.5  # (B, R, *patch)
+        else:
+            classes = torch.arange(1, num_objects + 1, device=source.device).view(1, -1, *([1] * ndim))
+            foreground = source.argmax(1, keepdim=True) == classes  # (B, K-1, *patch)
 
         # crops: one per sample (union of the classes) or per sample and class; tiles / slices as needed
         mapper = self.mapper(patch_spacing)
-        roi = (predicted > 0).unsqueeze(1) if self.settings.roi == "union" else foreground
+        roi = foreground.any(1, keepdim=True) if self.settings.roi == "union" else foreground
         crops = mapper.to_model(images.detach().float(), roi, keep_empty=False)
         if crops.num_queries == 0:
-            return self._empty(source, 0)
+            return self._empty(source, 0, regions)
         if self.settings.max_crops is not None and crops.num_queries > self.settings.max_crops:
             device = generator.device if generator is not None else source.device
             subset = torch.randperm(crops.num_queries, generator=generator, device=device)[:self.settings.max_crops]
@@ -252,14 +267,19 @@ class SamPseudoLabeler:
             crop_of_query, channel = present[crops.sample_index].nonzero(as_tuple=True)
         else:
             crop_of_query, channel = torch.arange(crops.num_queries, device=source.device), crops.channel_index
-        queries = crops.select(crop_of_query, channel_index=channel, num_channels=num_classes - 1,
+        queries = crops.select(crop_of_query, channel_index=channel, num_channels=num_objects,
                                with_images=False)
 
-        # the prediction in each query's window: foreground of its class = argmax there (margin > 0)
-        top = source.topk(2, dim=1)
-        is_best = torch.arange(num_classes, device=source.device).view(1, -1, *([1] * ndim)) == top.indices[:, :1]
-        best_other = torch.where(is_best, top.values[:, 1:2], top.values[:, :1])
-        margin = (source - best_other)[:, 1:]
+        # the prediction in each query's window: foreground of its class = argmax there (margin > 0), of its
+        # region = sigmoid above 0.5
+        if regions:
+            margin = source - 0.5
+        else:
+            top = source.topk(2, dim=1)
+            is_best = torch.arange(num_objects + 1, device=source.device).view(1, -1, *([1] * ndim)) \
+                == top.indices[:, :1]
+            best_other = torch.where(is_best, top.values[:, 1:2], top.values[:, :1])
+            margin = (source - best_other)[:, 1:]
         inside = queries.inside_patch()
         fg_model = (queries.patch_to_model(margin, select_channel=True)[:, 0] > 0) & inside
         keep = fg_model.flatten(1).any(1)
@@ -268,23 +288,24 @@ class SamPseudoLabeler:
             queries, crop_of_query = queries.select(kept, with_images=False), crop_of_query[kept]
             fg_model, inside = fg_model[kept], inside[kept]
         if queries.num_queries == 0:
-            return self._empty(source, crops.num_queries)
+            return self._empty(source, crops.num_queries, regions)
         unc_model = queries.patch_to_model(uncertainty.unsqueeze(1), pad_value=1.0)[:, 0]
 
         embeddings = self._encode(crops.images)[crop_of_query]
         points_per_query = 0
         variance = None
         if self.mode == "mask":
-            low_res = self._mask_prompt_pass(embeddings, queries, source, fg_model, unc_model)
+            low_res = self._mask_prompt_pass(embeddings, queries, source if regions else source[:, 1:], fg_model,
+                                             unc_model)
         else:
-            student_model = queries.patch_to_model(student[:, 1:], select_channel=True)[:, 0] \
+            student_model = queries.patch_to_model(student if regions else student[:, 1:], select_channel=True)[:, 0] \
                 if self.mode == "unc" else None
             low_res, variance, points_per_query = self._click_loop(embeddings, fg_model, unc_model, inside,
                                                                    student_model, generator)
 
-        fg_probs, covered = mapper.to_patch(low_res, queries, activation="sigmoid")  # (B, K-1, *patch)
+        fg_probs, covered = mapper.to_patch(low_res, queries, activation="sigmoid")  # (B, K-1 or R, *patch)
         valid = covered.any(1)
-        probabilities = combine_class_probabilities(fg_probs)
+        probabilities = fg_probs if regions else combine_class_probabilities(fg_probs)
         probabilities = torch.where(valid.unsqueeze(1), probabilities, source)
         unc_map = None
         if variance is not None:
@@ -293,17 +314,18 @@ class SamPseudoLabeler:
         stats = dict(num_crops=float(crops.num_queries), num_queries=float(queries.num_queries),
                      num_decoder_calls=float(self._decoder_calls), points_per_query=float(points_per_query),
                      valid_fraction=float(valid.float().mean()))
-        return SamPseudoLabel(probabilities, valid, unc_map, stats)
+        return SamPseudoLabel(probabilities, valid, unc_map, stats, regions)
 
     # ------------------------------------------------------------------ prompt modes
-    def _mask_prompt_pass(self, embeddings: Tensor, queries: ModelBatch, source: Tensor, fg_model: Tensor,
+    def _mask_prompt_pass(self, embeddings: Tensor, queries: ModelBatch, objects: Tensor, fg_model: Tensor,
                           unc_model: Tensor) -> Tensor:
-        """``mask`` mode: one decoder pass with the predicted probability of each query's class, area-resampled
+        """``mask`` mode: one decoder pass with the predicted probability of each query's object (``objects``: the
+        foreground channels of the prompt source), area-resampled
         onto the decoder's low-res grid and turned into clamped logits (plus a box for box-only models)."""
         space = self.model.input_space
         mask_logits = None
         if self.accepts_masks:
-            low_res_probs = queries.patch_to_model(source[:, 1:], size=space.low_res_size, select_channel=True)
+            low_res_probs = queries.patch_to_model(objects, size=space.low_res_size, select_channel=True)
             eps = self.settings.mask_prompt_eps
             mask_logits = torch.logit(low_res_probs.clamp(eps, 1.0 - eps))
         boxes = self._box(fg_model, unc_model < self.settings.uncertainty_threshold) if self.sparse_prompt == "boxes" \

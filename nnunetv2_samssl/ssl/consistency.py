@@ -1,11 +1,12 @@
 """Consistency losses between a student's logits and a (detached) teacher's logits.
 
 All take logits ``(B, K, *spatial)`` from both networks and return a scalar; the teacher side is
-always detached. Deep-supervision lists are handled by :func:`deep_supervision_consistency`.
+always detached. Region-based outputs (independent sigmoids) use the sigmoid counterpart of each form
+(:func:`consistency_loss`). Deep-supervision lists are handled by :func:`deep_supervision_consistency`.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -44,23 +45,108 @@ CONSISTENCY_LOSSES: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tenso
     "cross_entropy": soft_cross_entropy,
 }
 
+
+
+# region-based training: every channel is an independent sigmoid region, so each form compares the per-region
+# Bernoulli distributions (p, 1 - p) instead of one softmax over channels
+def sigmoid_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between per-region sigmoid probabilities."""
+    return F.mse_loss(torch.sigmoid(student_logits.float()), torch.sigmoid(teacher_logits.detach().float()))
+
+
+def sigmoid_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Binary KL(teacher || student) per region and voxel, averaged over both."""
+    s, t = student_logits.float(), teacher_logits.detach().float()
+    p_t = torch.sigmoid(t)
+    return (p_t * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p_t) * (F.logsigmoid(-t) - F.logsigmoid(-s))).mean()
+
+
+def sigmoid_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the student's regions against the teacher's soft region probabilities."""
+    return F.binary_cross_entropy_with_logits(student_logits.float(), torch.sigmoid(teacher_logits.detach().float()))
+
+
+REGION_CONSISTENCY_LOSSES: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "softmax_mse": sigmoid_mse,
+    "softmax_mse_halved": lambda s, t: 0.5 * sigmoid_mse(s, t),
+    "softmax_kl": sigmoid_kl,
+    "cross_entropy": sigmoid_cross_entropy,
+}
+
+
+# the same forms per voxel, (B, *spatial): their mean over all voxels is the scalar form above
+def _softmax_pair(s: torch.Tensor, t: torch.Tensor):
+    return torch.log_softmax(s.float(), 1), torch.log_softmax(t.detach().float(), 1)
+
+
+def _sigmoid_bce(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(s.float(), torch.sigmoid(t.detach().float()), reduction="none")
+
+
+VOXEL_FORMS: Dict[Tuple[str, bool], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    ("softmax_mse", False): lambda s, t: (torch.softmax(s.float(), 1) - torch.softmax(t.detach().float(), 1)
+                                          ).pow(2).mean(1),
+    ("softmax_kl", False): lambda s, t: (lambda ls, lt: (lt.exp() * (lt - ls)).sum(1))(*_softmax_pair(s, t)),
+    ("cross_entropy", False): lambda s, t: (lambda ls, lt: -(lt.exp() * ls).sum(1))(*_softmax_pair(s, t)),
+    ("softmax_mse", True): lambda s, t: (torch.sigmoid(s.float()) - torch.sigmoid(t.detach().float())
+                                         ).pow(2).mean(1),
+    ("softmax_kl", True): lambda s, t: (_sigmoid_bce(s, t) - _sigmoid_bce(t.detach(), t)).mean(1),
+    ("cross_entropy", True): lambda s, t: _sigmoid_bce(s, t).mean(1),
+}
+
+
+class ConsistencyForm:
+    """A ``consistency_loss`` form: ``form(student_logits, teacher_logits)`` is the mean over all voxels,
+    ``form(..., mask=m)`` the mean over the voxels where ``m`` ``(B, *spatial)`` is true (a graph-connected zero
+    when none is)."""
+
+    def __init__(self, name: str, regions: bool):
+        table = REGION_CONSISTENCY_LOSSES if regions else CONSISTENCY_LOSSES
+        if name not in table:
+            raise ValueError(f"consistency_loss must be one of {sorted(table)}, got {name!r}")
+        self.name, self.regions = name, regions
+        self.scalar = table[name]
+        halved = name == "softmax_mse_halved"
+        self.voxel = VOXEL_FORMS[("softmax_mse" if halved else name, regions)]
+        self.factor = 0.5 if halved else 1.0
+
+    def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if mask is None:
+            return self.scalar(student_logits, teacher_logits)
+        weight = mask.to(torch.float32)
+        values = self.voxel(student_logits, teacher_logits)
+        return self.factor * (values * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def consistency_loss(name: str, regions: bool) -> ConsistencyForm:
+    """The consistency form ``name`` (a ``consistency_loss`` setting) for label- or region-based outputs."""
+    return ConsistencyForm(name, regions)
+
+
 Outputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
-def deep_supervision_consistency(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+def deep_supervision_consistency(loss_fn: Callable[..., torch.Tensor],
                                  student: Outputs, teacher: Outputs,
-                                 weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+                                 weights: Optional[Sequence[float]] = None,
+                                 masks: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
     """Applies ``loss_fn`` to a single output or to each deep-supervision scale.
 
     Args:
         student, teacher: a tensor, or lists of tensors ordered from full resolution down (nnU-Net's order).
         weights: per-scale weights (need not sum to 1; they are normalised); ``None`` uses the full
             resolution output only.
+        masks: optional voxel masks ``(B, *scale)`` per scale (a :class:`ConsistencyForm` averages over them).
     """
+    def one(i: int, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return loss_fn(s, t) if masks is None else loss_fn(s, t, mask=masks[i])
+
     if isinstance(student, torch.Tensor):
-        return loss_fn(student, teacher)
+        return one(0, student, teacher)
     if weights is None:
-        return loss_fn(student[0], teacher[0])
+        return one(0, student[0], teacher[0])
     total = float(sum(weights))
-    terms: List[torch.Tensor] = [w / total * loss_fn(s, t) for s, t, w in zip(student, teacher, weights) if w != 0]
+    terms: List[torch.Tensor] = [w / total * one(i, s, t)
+                                 for i, (s, t, w) in enumerate(zip(student, teacher, weights)) if w != 0]
     return torch.stack(terms).sum()

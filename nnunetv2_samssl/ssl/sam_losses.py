@@ -17,6 +17,10 @@ Forms:
   voxel weighted by ``U / mean(U)``. The public code's extra normalisation ``sum(x) / (sum(x) + eps)`` is
   deliberately absent: it is ~1 for any positive ``x`` and removes the gradient.
 
+Region-based training (``activation="sigmoid"``): the channels are independent regions, the student's
+probabilities are per-channel sigmoids, ``dice_ce`` becomes binary cross-entropy plus soft Dice on every region
+against ``target > 0.5`` (nnU-Net's ``DC_and_BCE_loss`` form), and the MSE forms compare sigmoids.
+
 Deep supervision: :class:`SamPseudoLabelLoss` accepts lists (full resolution first, nnU-Net's order) for every
 argument, e.g. from :func:`nnunetv2_samssl.sam.space.downsample_to_scales`.
 """
@@ -49,6 +53,13 @@ def _check(student_logits: Tensor, target_probs: Tensor, valid: Optional[Tensor]
 
 
 NORMALIZATIONS = ("patch", "valid")
+ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def _activate(logits: Tensor, activation: str) -> Tensor:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return torch.sigmoid(logits.float()) if activation == "sigmoid" else torch.softmax(logits.float(), 1)
 
 
 def _masked_mean(values: Tensor, valid: Tensor, normalization: str = "valid") -> Tensor:
@@ -62,23 +73,24 @@ def _masked_mean(values: Tensor, valid: Tensor, normalization: str = "valid") ->
     return (values * weight).sum() / count
 
 
-def _squared_softmax_difference(student_logits: Tensor, target_probs: Tensor) -> Tensor:
-    """``(B, *spatial)`` mean over classes of ``(softmax(student) - target)^2``."""
-    probs = torch.softmax(student_logits.float(), 1)
+def _squared_softmax_difference(student_logits: Tensor, target_probs: Tensor, activation: str = "softmax") -> Tensor:
+    """``(B, *spatial)`` mean over channels of ``(softmax(student) - target)^2`` (sigmoid for regions)."""
+    probs = _activate(student_logits, activation)
     return (probs - target_probs.detach().float()).pow(2).mean(1)
 
 
 def soft_mse_loss(student_logits: Tensor, target_probs: Tensor, valid: Optional[Tensor] = None,
-                  normalization: str = "valid") -> Tensor:
-    """Softmax MSE to the SAM probabilities over valid voxels (see module docstring), averaged over the valid
-    voxels or the whole patch (``normalization``). Returns a scalar."""
+                  normalization: str = "valid", activation: str = "softmax") -> Tensor:
+    """Softmax (sigmoid) MSE to the SAM probabilities over valid voxels (see module docstring), averaged over the
+    valid voxels or the whole patch (``normalization``). Returns a scalar."""
     valid = _check(student_logits, target_probs, valid)
-    return _masked_mean(_squared_softmax_difference(student_logits, target_probs), valid, normalization)
+    return _masked_mean(_squared_softmax_difference(student_logits, target_probs, activation), valid, normalization)
 
 
 def dice_ce_loss(student_logits: Tensor, target_probs: Tensor, valid: Optional[Tensor] = None, *,
                  weight_ce: float = 1.0, weight_dice: float = 1.0, batch_dice: bool = True,
-                 include_background: bool = False, smooth: float = 1e-5, normalization: str = "valid") -> Tensor:
+                 include_background: bool = False, smooth: float = 1e-5, normalization: str = "valid",
+                 activation: str = "softmax") -> Tensor:
     """Cross-entropy + soft Dice against the hard pseudo-label ``argmax(target_probs)`` over valid voxels.
 
     Args:
@@ -87,17 +99,24 @@ def dice_ce_loss(student_logits: Tensor, target_probs: Tensor, valid: Optional[T
         batch_dice: pool Dice statistics over the batch (nnU-Net's ``batch_dice``) or per sample.
         include_background: include class 0 in the Dice average (nnU-Net excludes it).
         smooth: added to numerator and denominator of every Dice term.
+        activation: ``"sigmoid"`` for regions: binary cross-entropy per region and Dice over every region.
     Returns:
         ``weight_ce * CE + weight_dice * (1 - mean Dice)``, a scalar.
     """
     valid = _check(student_logits, target_probs, valid)
     logits = student_logits.float()
     num_classes = logits.shape[1]
-    hard = target_probs.detach().argmax(1)
-    ce = _masked_mean(F.cross_entropy(logits, hard, reduction="none"), valid, normalization)
+    probs = _activate(logits, activation)
+    if activation == "sigmoid":
+        one_hot = (target_probs.detach() > 0.5).to(probs.dtype)
+        voxel_ce = F.binary_cross_entropy_with_logits(logits, one_hot, reduction="none").mean(1)
+        include_background = True  # every region channel is an object
+    else:
+        hard = target_probs.detach().argmax(1)
+        voxel_ce = F.cross_entropy(logits, hard, reduction="none")
+        one_hot = F.one_hot(hard, num_classes).movedim(-1, 1).to(probs.dtype)
+    ce = _masked_mean(voxel_ce, valid, normalization)
 
-    probs = torch.softmax(logits, 1)
-    one_hot = F.one_hot(hard, num_classes).movedim(-1, 1).to(probs.dtype)
     mask = valid.unsqueeze(1).to(probs.dtype)
     axes = (0, *range(2, logits.dim())) if batch_dice else tuple(range(2, logits.dim()))
     intersection = (probs * one_hot * mask).sum(axes)
@@ -112,7 +131,7 @@ def dice_ce_loss(student_logits: Tensor, target_probs: Tensor, valid: Optional[T
 
 def uncertainty_weighted_mse_loss(student_logits: Tensor, target_probs: Tensor, uncertainty: Tensor,
                                   valid: Optional[Tensor] = None, eps: float = 1e-8,
-                                  normalization: str = "valid") -> Tensor:
+                                  normalization: str = "valid", activation: str = "softmax") -> Tensor:
     """SemiSAM+'s ``mean(d * U) / (mean(U) + eps) + mean(U)`` over valid voxels (see module docstring).
 
     Args:
@@ -124,7 +143,7 @@ def uncertainty_weighted_mse_loss(student_logits: Tensor, target_probs: Tensor, 
     if tuple(uncertainty.shape) != tuple(valid.shape):
         raise ValueError(f"uncertainty must be (B, *spatial) = {tuple(valid.shape)}, got {tuple(uncertainty.shape)}")
     u = uncertainty.detach().float().clamp_min(0.0)
-    d = _squared_softmax_difference(student_logits, target_probs)
+    d = _squared_softmax_difference(student_logits, target_probs, activation)
     mean_u = _masked_mean(u, valid, normalization)
     return _masked_mean(d * u, valid, normalization) / (mean_u + eps) + mean_u
 

@@ -6,12 +6,12 @@ Settings: ``trainer_configs/mean_teacher.yaml`` (``settings.mean_teacher``).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 
 from nnunetv2_samssl.pseudo_labels.base import NetworkOutputs, UnlabeledBatch
-from nnunetv2_samssl.ssl.consistency import CONSISTENCY_LOSSES, deep_supervision_consistency
+from nnunetv2_samssl.ssl.consistency import consistency_loss, deep_supervision_consistency
 from nnunetv2_samssl.ssl.ema import EMATeacher, unwrap
 from nnunetv2_samssl.ssl.ramps import sigmoid_rampup
 from nnunetv2_samssl.training.ssl_trainer import nnUNetTrainerSSLBase
@@ -40,7 +40,8 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
         self.parts.add("teacher", self.teacher.module)  # averaged, not trained by gradients
         if mt.predict_with == "teacher":
             self.parts.set_predicting("teacher")
-        self.consistency_fn = CONSISTENCY_LOSSES[mt.consistency_loss]
+        # region-based datasets: the sigmoid counterpart of the form (each region its own Bernoulli)
+        self.consistency_fn = consistency_loss(mt.consistency_loss, self.label_space.has_regions)
         self.initialize_sources()
         self.finish_initialize()
 
@@ -61,9 +62,10 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
         mt = self.settings.mean_teacher
         return self.teacher(teacher_input_noise(batch.images, mt.teacher_noise_std, mt.teacher_noise_clip))
 
-    def consistency_terms(self, outputs: NetworkOutputs) -> Dict[str, torch.Tensor]:
+    def consistency_terms(self, outputs: NetworkOutputs,
+                          masks: Optional[List[torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
         consistency = deep_supervision_consistency(self.consistency_fn, outputs.student, outputs.teacher,
-                                                   self.consistency_scale_weights())
+                                                   self.consistency_scale_weights(), masks)
         w = self.consistency_weight()
         return {"consistency_loss": consistency.detach(), "consistency_weight": torch.tensor(w),
                 "consistency_term": w * consistency}

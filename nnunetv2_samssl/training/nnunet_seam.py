@@ -132,9 +132,10 @@ class nnUNetSeam:
             for module in others:
                 unwrap(module).decoder.deep_supervision = self.enable_deep_supervision
 
-    def sliding_window_softmax(self, network: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
-        """Softmax ``(K, *shape)`` of ``network`` on a whole preprocessed case ``(C, *shape)`` with nnU-Net's sliding
-        window (no mirroring), on the training device. Call inside :meth:`plain_outputs`; the network's
+    def sliding_window_probabilities(self, network: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """Probabilities ``(channels, *shape)`` of ``network`` on a whole preprocessed case ``(C, *shape)`` with
+        nnU-Net's sliding window (no mirroring) and its output activation (softmax, or sigmoid for regions), on
+        the training device. Call inside :meth:`plain_outputs`; the network's
         train/eval mode is restored."""
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -152,7 +153,7 @@ class nnUNetSeam:
             logits = predictor.predict_sliding_window_return_logits(image)
         finally:
             network.train(was_training)
-        return torch.softmax(logits.to(self.device).float(), 0)
+        return self.label_manager.apply_inference_nonlin(logits.to(self.device).float())
 
     # ------------------------------------------------------------------ the update
     def backward_and_step(self, loss: torch.Tensor) -> None:

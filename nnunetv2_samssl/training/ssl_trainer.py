@@ -37,6 +37,7 @@ from nnunetv2_samssl.data.unlabeled_dataset import UnlabeledDataset, UnlabeledSo
 from nnunetv2_samssl.data.unlabeled_loader import build_unlabeled_loader, split_batch_size
 from nnunetv2_samssl.data.unlabeled_preprocessing import (UNLABELED_RAW_FOLDER, UnlabeledDataError,
                                                           check_unlabeled_folder, unlabeled_preprocessed_folder)
+from nnunetv2_samssl.pseudo_labels.label_space import LabelSpace
 from nnunetv2_samssl.pseudo_labels.base import (NetworkOutputs, PseudoLabelSource, SourceContext, StepInfo,
                                                 UnlabeledBatch, as_scales)
 from nnunetv2_samssl.pseudo_labels.loss import PseudoLabelLoss
@@ -50,6 +51,13 @@ def split_outputs(outputs: Outputs, n_first: int) -> Tuple[Outputs, Outputs]:
     if isinstance(outputs, torch.Tensor):
         return outputs[:n_first], outputs[n_first:]
     return [o[:n_first] for o in outputs], [o[n_first:] for o in outputs]
+
+
+def _all_gather(value: Any) -> List[Any]:
+    """The value of every DDP rank, in rank order."""
+    gathered: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 class nnUNetTrainerSSLBase(LabeledSubsetMixin, nnUNetTrainer):
@@ -68,12 +76,17 @@ class nnUNetTrainerSSLBase(LabeledSubsetMixin, nnUNetTrainer):
         self.iteration_in_epoch = 0
         self.sources: List[PseudoLabelSource] = []
         self.pseudo_label_losses: Dict[str, PseudoLabelLoss] = {}
+        # softmax classes, or sigmoid regions (dataset.json 'regions_class_order'): one space for every target
+        self.label_space = LabelSpace.from_label_manager(self.label_manager)
 
     # ------------------------------------------------------------------ set-up
     def initialize(self):
-        if self.label_manager.has_regions:
-            raise ConfigError(f"{self.__class__.__name__} does not support region-based training (dataset.json "
-                              f"'regions_class_order'); use label-based training.")
+        if self.is_cascaded:
+            raise ConfigError(
+                f"{self.__class__.__name__} does not train cascade stages ({self.configuration_name} uses the "
+                f"predictions of {self.configuration_manager.previous_stage_name} as an input channel, which "
+                f"unlabeled cases do not have). Train 3d_fullres (or 3d_lowres, 2d) with it instead; see the "
+                f"README, 'Cascade'.")
         super().initialize()
 
     def finish_initialize(self) -> None:
@@ -97,7 +110,8 @@ class nnUNetTrainerSSLBase(LabeledSubsetMixin, nnUNetTrainer):
             deep_supervision_scales=self._get_deep_supervision_scales() if self.enable_deep_supervision else None,
             output_folder=self.output_folder, log=self.print_to_log_file, predict_case=self.predict_case,
             rank=dist.get_rank() if ddp else 0, world_size=dist.get_world_size() if ddp else 1,
-            barrier=dist.barrier if ddp else (lambda: None))
+            barrier=dist.barrier if ddp else (lambda: None), space=self.label_space,
+            gather=_all_gather if ddp else (lambda value: [value]))
 
     def add_source(self, source: PseudoLabelSource, loss_form: str, loss_scales: str,
                    normalization: str = "patch") -> None:
@@ -109,14 +123,15 @@ class nnUNetTrainerSSLBase(LabeledSubsetMixin, nnUNetTrainer):
         weights = self.deep_supervision_weights() if loss_scales == "all" else None
         self.sources.append(source)
         self.pseudo_label_losses[source.name] = PseudoLabelLoss(loss_form, self.label_manager.num_segmentation_heads,
-                                                                weights, normalization)
+                                                                weights, normalization, self.label_space.has_regions)
 
     def predict_case(self, which: str, image: torch.Tensor) -> torch.Tensor:
-        """Softmax ``(K, *shape)`` of the student (or ``"teacher"``) on a whole preprocessed case."""
+        """Probabilities ``(channels, *shape)`` of the student (or ``"teacher"``) on a whole preprocessed case
+        (softmax, or per-region sigmoid)."""
         network = self.parts[which].plain
         others = [self.parts["teacher"].plain] if "teacher" in self.parts else []
         with self.plain_outputs(*others):
-            return self.sliding_window_softmax(network, image)
+            return self.sliding_window_probabilities(network, image)
 
     # ------------------------------------------------------------------ data
     def get_tr_and_val_datasets(self):
@@ -232,21 +247,41 @@ class nnUNetTrainerSSLBase(LabeledSubsetMixin, nnUNetTrainer):
         """Hook: the teacher's outputs on the unlabeled batch (no gradient), or ``None``."""
         return None
 
-    def consistency_terms(self, outputs: NetworkOutputs) -> Dict[str, torch.Tensor]:
-        """Hook: weighted terms (keys ending in ``_term``) and detached metrics between student and teacher."""
+    def consistency_terms(self, outputs: NetworkOutputs,
+                          masks: Optional[List[torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """Hook: weighted terms (keys ending in ``_term``) and detached metrics between student and teacher, over
+        the voxels of ``masks`` (one ``(b, *scale)`` bool map per deep-supervision scale) when given."""
         return {}
 
-    def source_terms(self, source: PseudoLabelSource, batch: UnlabeledBatch,
-                     outputs: NetworkOutputs) -> Dict[str, Any]:
-        """``{name}_term`` (weight x loss against the source's targets) and the source's metrics; NaN metrics and
-        no term when the source has no targets this step."""
+    def source_terms(self, source: PseudoLabelSource, batch: UnlabeledBatch, outputs: NetworkOutputs,
+                     masks: Optional[List[torch.Tensor]] = None) -> Dict[str, Any]:
+        """``{name}_term`` (weight x loss against the source's targets, on its valid voxels within ``masks``)
+        and the source's metrics; NaN metrics and no term when the source has no targets this step."""
         targets = source.pseudo_labels(batch, outputs, self.step_info())
         if targets is None:
             return {key: float("nan") for key in [f"{source.name}_loss", f"{source.name}_weight",
                                                   *source.metric_keys()]}
+        if masks is not None:
+            targets.valid = [v & m for v, m in zip(targets.valid, masks)]
         loss = self.pseudo_label_losses[source.name](outputs.student, targets)
         return {f"{source.name}_term": targets.weight * loss, f"{source.name}_loss": loss.detach(),
                 f"{source.name}_weight": targets.weight, **targets.metrics}
+
+    @property
+    def learns_unannotated(self) -> bool:
+        """``learn_unannotated`` on an ignore-label dataset: unannotated voxels of labeled patches get the
+        unlabeled-data terms too."""
+        return bool(self.settings.unlabeled.learn_unannotated) and self.label_manager.has_ignore_label
+
+    def unannotated_masks(self, target: Union[torch.Tensor, List[torch.Tensor]], num_unlabeled: int
+                          ) -> List[torch.Tensor]:
+        """Per deep-supervision scale, ``(b_l + b_u, *scale)`` bool: the ignore-label voxels of the labeled
+        patches, then every voxel of the unlabeled ones."""
+        masks = []
+        for t in as_scales(target):
+            labeled = t[:, 0] == self.label_manager.ignore_label
+            masks.append(torch.cat((labeled, labeled.new_ones((num_unlabeled, *labeled.shape[1:])))))
+        return masks
 
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
@@ -254,19 +289,35 @@ class nnUNetTrainerSSLBase(LabeledSubsetMixin, nnUNetTrainer):
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
         unlabeled = self.next_unlabeled_batch()
+        b_l = data.shape[0]
+        # with learn_unannotated the teacher and the online sources see the labeled patches as well, restricted
+        # to their unannotated voxels; sources that serve maps through the loader see the unlabeled patches only
+        wide = self.learns_unannotated
+        masks = self.unannotated_masks(target, unlabeled.images.shape[0]) if wide else None
+        ssl_batch = unlabeled if not wide else UnlabeledBatch(
+            torch.cat((data, unlabeled.images)), [f"labeled:{k}" for k in batch["keys"]] + list(unlabeled.keys),
+            None, None if unlabeled.hidden_labels is None else torch.cat(
+                (unlabeled.hidden_labels.new_full((b_l, *unlabeled.hidden_labels.shape[1:]), -1),
+                 unlabeled.hidden_labels)))
 
         self.parts.zero_grad()
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             with torch.no_grad():
-                teacher_u = self.teacher_outputs(unlabeled)
+                teacher = self.teacher_outputs(ssl_batch)
             # one fused student forward over labeled and unlabeled patches (instance norm is per sample,
             # so this equals two separate forwards)
-            student_l, student_u = split_outputs(self.network(torch.cat((data, unlabeled.images))), data.shape[0])
+            student = self.network(torch.cat((data, unlabeled.images)))
+            student_l, student_u = split_outputs(student, b_l)
             sup = self.loss(student_l, target)
-            outputs = NetworkOutputs(student_u, teacher_u)
-            terms = self.consistency_terms(outputs)
+            outputs = NetworkOutputs(student if wide else student_u, teacher, self.label_space)
+            terms = self.consistency_terms(outputs, masks)
             for source in self.sources:
-                terms.update(self.source_terms(source, unlabeled, outputs))
+                if wide and source.uses_loader_maps:
+                    narrow = NetworkOutputs(student_u, None if teacher is None else split_outputs(teacher, b_l)[1],
+                                            self.label_space)
+                    terms.update(self.source_terms(source, unlabeled, narrow))
+                else:
+                    terms.update(self.source_terms(source, ssl_batch, outputs, masks))
             loss = sup + sum(v for k, v in terms.items() if k.endswith("_term"))
         self.backward_and_step(loss)
         self.iteration_in_epoch += 1

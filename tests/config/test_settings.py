@@ -34,7 +34,7 @@ def test_settings_objects_are_built_once_validated_and_frozen():
                             environ={})
     settings = Settings.from_config(SEMISAM_LAYOUT, cfg)
     assert settings.sam_labeler.num_clicks == 3 and settings.sam_labeler.mode == "point"
-    assert settings.sam_model == SamModelSettings("sam_med3d_turbo", "/x.pth", False, False, 0)
+    assert settings.sam_model == SamModelSettings("sam_med3d_turbo", "/x.pth", False, False, "auto")
     assert settings.to_config() == cfg
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.mean_teacher.ema_decay = 0.5

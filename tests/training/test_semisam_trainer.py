@@ -100,7 +100,7 @@ def test_one_epoch_trains_logs_sam_metrics_and_diagnostics(nnunet_env):
         assert mean_foreground_dice(c["student"].argmax(1), reference, k) == pytest.approx(prompt, rel=1e-12)
     # the random tiny SAM scores 0 here, so also check (last step) that the pseudo-label Dice follows its input: the
     # hidden labels themselves as pseudo-label score 1, the student's prediction scores as the prompt Dice
-    probe = source.dice_diagnostics(reference, reference, c["student"].argmax(1), k)
+    probe = source.dice_diagnostics(reference, reference, c["student"].argmax(1))
     assert probe["sam_pseudo_dice"] == pytest.approx(1.0) and probe["prompt_dice"] == pytest.approx(prompt, rel=1e-6)
 
     # the epoch's logged values are the (NaN-aware) means of the per-step outputs
@@ -119,9 +119,9 @@ def _train(env, n_iter=2, **extra):
     seen = []
     source_terms = trainer.source_terms
 
-    def spy(source, batch, outputs):
+    def spy(source, batch, outputs, masks=None):
         seen.append(batch.hidden_labels.clone())
-        return source_terms(source, batch, outputs)
+        return source_terms(source, batch, outputs, masks)
 
     trainer.source_terms = spy
     outs = run_iterations(trainer, n_iter)
