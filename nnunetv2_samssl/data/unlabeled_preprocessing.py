@@ -1,8 +1,13 @@
 """``nnUNetv2_samssl_preprocess_unlabeled``: preprocess ``imagesUnlabeled/`` with the dataset's own plans.
 
-Raw layout (nnU-Net's naming, one file per channel)::
+Raw layout (nnU-Net's naming, as in ``imagesTr``)::
 
     nnUNet_raw/DatasetXXX_Name/imagesUnlabeled/<case>_0000.nii.gz [<case>_0001.nii.gz ...]
+
+A case's files are grouped as nnU-Net groups training images (every ``<case>_XXXX<file_ending>``, in channel
+order), and the channel count is what the dataset's reader returns for them: usually one file per channel, but
+with nnU-Net's natural-image convention (``NaturalImage2DIO``, ``channel_names`` R, G, B) one RGB
+``<case>_0000.png`` holds all three channels.
 
 Each case goes through the configuration's preprocessor exactly as nnU-Net preprocesses an image at
 inference (``run_case(images, None, ...)``: transpose, crop to non-zero, normalise, resample) and is
@@ -28,12 +33,14 @@ import shutil
 import sys
 from typing import Dict, List, Optional, Tuple
 
+from nnunetv2_samssl.errors import UserError
+
 UNLABELED_RAW_FOLDER = "imagesUnlabeled"
 UNLABELED_SUFFIX = "_unlabeled"
 MANIFEST = "unlabeled_manifest.json"
 
 
-class UnlabeledDataError(RuntimeError):
+class UnlabeledDataError(RuntimeError, UserError):
     """Unlabeled data missing, malformed or not preprocessed."""
 
 
@@ -49,8 +56,18 @@ def configuration_fingerprint(configuration: dict, dataset_json: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def collect_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> Dict[str, List[str]]:
-    """Maps case id -> its channel files, checking nnU-Net's naming and the channel count.
+def collect_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict, reader=None) -> Dict[str, List[str]]:
+    """Maps case id -> its image files (in channel order), checking nnU-Net's naming and the channel count.
+
+    Files are grouped by case as nnU-Net groups ``imagesTr`` (``<case>_XXXX<file_ending>``). A case with one
+    file per declared channel (``_0000`` .. ``_{n-1}``) is accepted without reading it; any other set of files
+    is accepted when the dataset's reader gets exactly the declared channels from it (nnU-Net's natural-image
+    convention: one RGB ``<case>_0000.png`` for channels R, G, B). Only one readable case per such file set is
+    read here; :func:`image_problem` checks the channel count of every case.
+
+    Args:
+        reader: the dataset's image reader (an instance, e.g. ``PlansManager(plans).image_reader_writer_class()``);
+            ``None``: determined from dataset.json as nnU-Net does, only if a case needs reading.
 
     Raises:
         UnlabeledDataError: folder missing or empty, a file not named ``<case>_XXXX<ending>``, a case with
@@ -77,20 +94,85 @@ def collect_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> Dict
     for f in files:
         m = pattern.match(f)
         cases.setdefault(m["case"], {})[int(m["channel"])] = os.path.join(folder, f)
-    wrong = {c: sorted(ch) for c, ch in cases.items() if sorted(ch) != list(range(num_channels))}
+    cases = dict(sorted(cases.items()))
+    ordered = {c: [ch[i] for i in sorted(ch)] for c, ch in cases.items()}
+    wrong, reader = _cases_with_wrong_channels(ordered, {c: sorted(ch) for c, ch in cases.items()}, num_channels,
+                                               dataset_json, reader)
     if wrong:
-        example = next(iter(wrong.items()))
-        raise UnlabeledDataError(
-            f"dataset.json declares {num_channels} channel(s) (_0000 .. _{num_channels - 1:04d}) but "
-            f"{len(wrong)} unlabeled case(s) have other channels, e.g. '{example[0]}' has {example[1]}. "
-            f"Each case needs exactly one file per channel in {folder}.")
+        case, (indices, got) = next(iter(wrong.items()))
+        message = (f"dataset.json declares {num_channels} channel(s) (_0000 .. _{num_channels - 1:04d}) but "
+                   f"{len(wrong)} unlabeled case(s) have other channels, e.g. '{case}' has {indices}")
+        if got is not None:
+            message += f" ({type(reader).__name__} reads {got} channel(s) from them)"
+        message += f". Each case needs exactly one file per channel in {folder}"
+        if got is not None and (got != len(indices) or type(reader).__name__ == "NaturalImage2DIO"):
+            message += (f", or files from which the dataset's reader gets all {num_channels} channel(s) (nnU-Net's "
+                        f"natural-image convention: one RGB <case>_0000{ending} for channels R, G, B)")
+        raise UnlabeledDataError(message + ".")
     labeled = _labeled_identifiers(raw_dataset_folder, dataset_json)
     clash = sorted(set(cases) & labeled)
     if clash:
         raise UnlabeledDataError(
             f"Unlabeled case ids equal labeled ones: {clash[:5]}. Rename the files in {folder} "
             f"(e.g. with a prefix such as 'unl_') so every case id is unique.")
-    return {c: [ch[i] for i in range(num_channels)] for c, ch in sorted(cases.items())}
+    return ordered
+
+
+def _channels_read(reader, files: List[str]) -> Optional[int]:
+    """How many channels ``reader`` gets from one case's files (nnU-Net stacks them), ``None`` if it cannot read
+    them (:func:`image_problem` reports why)."""
+    try:
+        data, _ = reader.read_images(files)
+    except Exception:  # noqa: BLE001 - an unreadable case is image_problem's to report
+        return None
+    return int(data.shape[0])
+
+
+def _cases_with_wrong_channels(files: Dict[str, List[str]], indices: Dict[str, List[int]], num_channels: int,
+                               dataset_json: dict, reader):
+    """``({case: (channel indices, channels read or None)}, reader)`` of the cases whose files do not give the
+    declared channels. Cases are taken by their set of channel indices: ``_0000 .. _{n-1}`` (one file per
+    channel) is nnU-Net's standard layout and is not read; a gap in the numbering is always wrong; any other
+    set is right when the reader gets ``num_channels`` channels from one of its readable cases."""
+    standard = list(range(num_channels))
+    layouts: Dict[Tuple[int, ...], List[str]] = {}
+    for case, idx in indices.items():
+        if idx != standard:
+            layouts.setdefault(tuple(idx), []).append(case)
+    wrong: Dict[str, Tuple[List[int], Optional[int]]] = {}
+    for layout, members in layouts.items():
+        counts: Dict[str, int] = {}
+        if list(layout) == list(range(len(layout))):
+            if reader is None:
+                reader = _reader_from_dataset_json(dataset_json, files[members[0]][0])
+            for case in members:
+                got = _channels_read(reader, files[case])
+                if got is not None:
+                    counts[case] = got
+                    if got == num_channels:
+                        break
+            if not counts or num_channels in counts.values():
+                continue  # accepted (nothing readable: image_problem names the unreadable files)
+        for case in members:
+            wrong[case] = (list(layout), counts.get(case))
+    return dict(sorted(wrong.items())), reader
+
+
+def _reader_from_dataset_json(dataset_json: dict, example_file: str):
+    """The reader nnU-Net's planning picks for this dataset (an instance)."""
+    import contextlib
+    import io
+
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # nnU-Net prints the traceback of every reader it tries
+            return determine_reader_writer_from_dataset_json(dataset_json, example_file, verbose=False)()
+    except RuntimeError:  # the example is unreadable (image_problem says why): choose by file ending alone
+        pass
+    try:
+        return determine_reader_writer_from_dataset_json(dataset_json, None, verbose=False)()
+    except RuntimeError as error:
+        raise UnlabeledDataError(f"No nnU-Net image reader for {example_file}: {error}") from None
 
 
 def copies_of_known_images(raw_dataset_folder: str, unlabeled_files: List[str]) -> List[Tuple[str, str]]:
@@ -129,13 +211,15 @@ def copies_of_known_images(raw_dataset_folder: str, unlabeled_files: List[str]) 
     return sorted(pairs)
 
 
-def image_problem(files: List[str], reader, dataset_is_3d: bool) -> Optional[str]:
-    """What is wrong with one case's channel files, or ``None``: the counterpart of nnU-Net's
+def image_problem(files: List[str], reader, dataset_is_3d: bool, num_channels: Optional[int] = None
+                  ) -> Optional[str]:
+    """What is wrong with one case's image files, or ``None``: the counterpart of nnU-Net's
     ``--verify_dataset_integrity`` for unlabeled images.
 
     Checks that every file is read completely (a ``.gz`` file is decompressed to its end: image readers may
     return a partial volume of a truncated one without a word), that the dataset's reader reads the case, that
-    all channels share one geometry (shape and spacing), that every value is finite and that the case is 3D
+    all files share one geometry (shape and spacing), that every value is finite, that the reader gets
+    ``num_channels`` channels from the files (when given; one RGB ``.png`` holds three) and that the case is 3D
     exactly when the dataset is.
     """
     import gzip
@@ -151,17 +235,22 @@ def image_problem(files: List[str], reader, dataset_is_3d: bool) -> Optional[str
             except (EOFError, OSError, gzip.BadGzipFile) as error:
                 return f"{os.path.basename(f)} is truncated or corrupt ({error})"
     geometries = []
+    channels = 0
     for f in files:
         try:
             data, properties = reader.read_images([f])
         except Exception as error:  # any reader failure is this file's problem, reported with its name
             return f"{os.path.basename(f)} cannot be read ({type(error).__name__}: {str(error)[:150]})"
         geometries.append((tuple(data.shape[1:]), tuple(np.round(properties["spacing"], 4))))
+        channels += data.shape[0]
         if not np.isfinite(data).all():
             return f"{os.path.basename(f)} has {int((~np.isfinite(data)).sum())} non-finite value(s) (NaN or inf)"
     if len(set(geometries)) > 1:
         listing = ", ".join(f"{os.path.basename(f)}: shape {g[0]}, spacing {g[1]}" for f, g in zip(files, geometries))
         return f"its channels differ in geometry ({listing})"
+    if num_channels is not None and channels != num_channels:
+        return (f"{type(reader).__name__} reads {channels} channel(s) from its {len(files)} file(s) but dataset.json "
+                f"declares {num_channels}")
     shape = geometries[0][0]
     if (shape[0] > 1) != dataset_is_3d:
         return (f"it is {'3D' if shape[0] > 1 else '2D'} (shape {shape}) but the dataset's images are "
@@ -235,10 +324,12 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_identifie
             f"Configuration '{configuration}' is not preprocessed yet ({labeled_folder} missing). Run "
             f"nnUNetv2_preprocess -d {dataset_name_or_id} -c {configuration} -plans_name {plans_identifier} first.")
     dataset_json = load_json(os.path.join(pp_base, "dataset.json"))
-    cases = collect_unlabeled_cases(raw_folder, dataset_json)
-    reader = PlansManager(plans).image_reader_writer_class()
+    reader = PlansManager(plans).image_reader_writer_class()  # the reader nnU-Net preprocesses this dataset with
+    cases = collect_unlabeled_cases(raw_folder, dataset_json, reader)
     dataset_is_3d = plans["original_median_shape_after_transp"][0] > 1
-    bad = {c: p for c, p in ((c, image_problem(files, reader, dataset_is_3d)) for c, files in cases.items()) if p}
+    num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+    bad = {c: p for c, p in ((c, image_problem(files, reader, dataset_is_3d, num_channels))
+                             for c, files in cases.items()) if p}
     if bad:
         listing = "\n".join(f"  {c}: {p}" for c, p in sorted(bad.items()))
         if not skip_bad_cases:

@@ -6,7 +6,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -15,24 +14,13 @@ import SimpleITK as sitk
 import torch
 
 from conftest import DATASET_ID, DATASET_NAME
+from cli_helpers import BIN, cli_env as _env, run_cli as _run
 
-BIN = os.path.dirname(sys.executable)
 TRAINER = "nnUNetTrainerMeanTeacher"
 
 
-def _env(nnunet_env, **extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_samssl")}
-    env.update(nnunet_env.env())
-    env.update({"nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1", "nnUNet_compile": "0", "PYTHONUNBUFFERED": "1"})
-    env.update(extra)
-    return env
 
 
-def _run(args, env, timeout=600):
-    r = subprocess.run([os.path.join(BIN, args[0]), *args[1:]], env=env, capture_output=True, text=True,
-                       timeout=timeout)
-    assert r.returncode == 0, f"{args} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r.stdout + r.stderr
 
 
 def _dice(a, b, label):
