@@ -91,6 +91,7 @@ setup(
         "console_scripts": [
             "nnUNetv2_samssl_preprocess_unlabeled=nnunetv2_samssl.data.unlabeled_preprocessing:main",
             "nnUNetv2_samssl_export_plain=nnunetv2_samssl.export:main",
+            "nnUNetv2_samssl_sfr_finetune=nnunetv2_samssl.training.sfr_finetune:main",
             "nnUNetv2_samssl_make_demo=nnunetv2_samssl.demo.synthetic:main",
             "nnUNetv2_samssl_make_fewlabel_dataset=nnunetv2_samssl.demo.real_anatomy:main",
             "nnUNetv2_samssl_demo=nnunetv2_samssl.demo.run_demo:main",

@@ -254,8 +254,8 @@ class PseudoLabelLossSettings(SettingsGroup):
                                         choices=("patch", "valid"))
     sam_weight: float = _user(types=(float,), doc="Maximum weight lambda_s of the SAM loss.", minimum=0.0)
     sam_weight_schedule: str = _user(types=(str,), doc="sigmoid_rampdown: lambda_s = w * r(T - t, L); exp_decay: "
-                                     "lambda_s = w * exp(-5 t / T) (the form printed in the SemiSAM paper).",
-                                     choices=("sigmoid_rampdown", "exp_decay"))
+                                     "lambda_s = w * exp(-5 t / T) (the form printed in the SemiSAM paper); "
+                                     "constant: lambda_s = w.", choices=("sigmoid_rampdown", "exp_decay", "constant"))
     sam_rampdown: float = _user(types=(float,), doc="Ramp-down length L as a fraction of all iterations.",
                                 minimum=0.0, maximum=1.0)
 
@@ -302,6 +302,38 @@ class SelectionSettings(SettingsGroup):
                                           minimum=0.0, maximum=1.0)
     pseudo_label_selection_level: str = _user(types=(str,), doc="voxel: select voxels; case: keep or drop each "
                                               "unlabeled sample of the batch whole.", choices=("voxel", "case"))
+
+
+@dataclass(frozen=True)
+class SfrFinetuneSettings(SettingsGroup):
+    """SFR stage 1: fine-tuning a 2D promptable model, prompt-free, on stitched labeled patches."""
+
+    sfr_lora_rank: int = _user(types=(int,), doc="Rank of the LoRA adapters on the q and v projections of the "
+                               "frozen image encoder (0 = no LoRA: decoder only).", minimum=0)
+    sfr_iterations: int = _user(types=(int,), doc="Fine-tuning iterations (the SFR code: 6000).", minimum=1)
+    sfr_batch_size: Optional[int] = _user(types=(int,), doc="Labeled patches per fine-tuning iteration; null = the "
+                                          "plans' batch size.", nullable=True, minimum=1)
+    sfr_lr: float = _user(types=(float,), doc="AdamW learning rate of the fine-tuning.", minimum=0.0)
+    sfr_weight_decay: float = _user(types=(float,), doc="AdamW weight decay of the fine-tuning.", minimum=0.0)
+    sfr_slice_axis: int = _user(types=(int,), doc="3D configurations: the patch axis whose slices are stitched "
+                                "(0 = the first spatial axis of nnU-Net's patch, usually the through-plane one).",
+                                minimum=0, maximum=2)
+    sfr_curve_probability: float = _user(types=(float,), doc="Probability that a stitched slice gets a random "
+                                         "monotone intensity curve during fine-tuning (SFR: 0.5).",
+                                         minimum=0.0, maximum=1.0)
+    sfr_save_every: int = _user(types=(int,), doc="Write the fine-tuning checkpoint every this many iterations "
+                                "(a killed run resumes from it).", minimum=1)
+
+
+@dataclass(frozen=True)
+class SfrRetrainSettings(SettingsGroup):
+    """SFR stage 2: Mean Teacher re-training with the fine-tuned model's hard pseudo-labels."""
+
+    sfr_pseudo_labels: str = _user(types=(str,), doc="cached: every unlabeled case is labelled whole once, at the "
+                                   "start, and the maps ride through nnU-Net's augmentation; online: the unlabeled "
+                                   "patches of every step are labelled.", choices=("cached", "online"))
+    sfr_weight: float = _user(types=(float,), doc="Weight of the pseudo-label loss (CE + Dice; SFR: 0.5).",
+                              minimum=0.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -353,10 +385,14 @@ MEAN_TEACHER_LAYOUT = {**LABELED_SUBSET_LAYOUT, "unlabeled": UnlabeledSettings, 
 SEMISAM_LAYOUT = {**MEAN_TEACHER_LAYOUT, "sam_model": SamModelSettings, "sam_labeler": SamLabelerSettings,
                   "sam_loss": PseudoLabelLossSettings, "sam_source": SamSourceSettings, "selection": SelectionSettings}
 
+SFR_LAYOUT = {**MEAN_TEACHER_LAYOUT, "sam_model": SamModelSettings, "sfr_finetune": SfrFinetuneSettings,
+              "sfr_retrain": SfrRetrainSettings, "selection": SelectionSettings}
+
 LABELED_SUBSET_SCHEMA = options_of(LABELED_SUBSET_LAYOUT)
 MEAN_TEACHER_SCHEMA = options_of(MEAN_TEACHER_LAYOUT)
 SEMISAM_SCHEMA = options_of(SEMISAM_LAYOUT)
+SFR_SCHEMA = options_of(SFR_LAYOUT)
 
 
 def group_layouts() -> Sequence[Mapping[str, Type[SettingsGroup]]]:
-    return LABELED_SUBSET_LAYOUT, MEAN_TEACHER_LAYOUT, SEMISAM_LAYOUT
+    return LABELED_SUBSET_LAYOUT, MEAN_TEACHER_LAYOUT, SEMISAM_LAYOUT, SFR_LAYOUT

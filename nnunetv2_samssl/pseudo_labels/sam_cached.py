@@ -110,18 +110,16 @@ class CachedSamSource(SamSource):
         covered: List[float] = []
         for case in self.dataset.identifiers[ctx.rank::ctx.world_size]:
             image = torch.from_numpy(np.asarray(self.dataset.load_image(case)[:], dtype=np.float32))
-            student = ctx.predict_case("student", image)
-            teacher = ctx.predict_case("teacher", image) if self.needs_teacher else None
-            labels, valid = self._label_whole_case(image, student, teacher)
+            labels, valid, prompting = self.label_case(image)
             stored = torch.where(valid, labels, torch.full_like(labels, unknown))
             self.cache.write_case(name, case, stored.cpu().numpy(), ctx.patch_size)
             covered.append(float(valid.float().mean()))
             if self.diagnostics and case in self.demoted:  # logged only: nothing here reaches a loss or a prompt
                 reference = torch.from_numpy(np.asarray(self.dataset.load_hidden_label(case)[:])[0].astype(np.int64))
                 scores = self.dice_diagnostics(reference.to(ctx.device)[None], labels[None],
-                                               ctx.space.to_label_map(student[None]))
+                                               labels[None] if prompting is None else prompting[None])
                 sam_dice.append(scores["sam_pseudo_dice"])
-                prompt_dice.append(scores["prompt_dice"])
+                prompt_dice.append(float("nan") if prompting is None else scores["prompt_dice"])
         # the log line and the logged Dice speak for every case, whichever rank made it; the gather is a collective,
         # so every rank has written its share when rank 0 publishes
         shares = ctx.gather((covered, sam_dice, prompt_dice))
@@ -138,6 +136,16 @@ class CachedSamSource(SamSource):
                                               f"{self._stats['sam_pseudo_dice']:.4f}, prompting prediction "
                                               f"{self._stats['prompt_dice']:.4f}" if sam_dice else ""))
         return seconds
+
+    def label_case(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Pseudo-label map, validity and the prompting prediction's label map (``None`` when nothing prompted
+        it), each ``(*shape)``, of a whole preprocessed case ``(C, *shape)``: the student's (and teacher's)
+        sliding-window prediction prompts SAM."""
+        ctx = self.context
+        student = ctx.predict_case("student", image)
+        teacher = ctx.predict_case("teacher", image) if self.needs_teacher else None
+        labels, valid = self._label_whole_case(image, student, teacher)
+        return labels, valid, ctx.space.to_label_map(student[None])[0]
 
     def _label_whole_case(self, image: torch.Tensor, student: torch.Tensor,
                           teacher: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:

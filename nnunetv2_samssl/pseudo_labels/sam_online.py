@@ -30,6 +30,8 @@ def sam_weight(settings: PseudoLabelLossSettings, step: StepInfo) -> float:
     w, t, total = settings.sam_weight, step.step, step.total
     if settings.sam_weight_schedule == "exp_decay":
         return w * math.exp(-5.0 * t / max(total, 1))
+    if settings.sam_weight_schedule == "constant":
+        return w
     return w * sigmoid_rampdown(t, total, settings.sam_rampdown * total)
 
 

@@ -7,7 +7,8 @@ from nnunetv2_samssl.errors import install_excepthook
 from nnunetv2_samssl.training.nnUNetTrainerLabeledSubset import nnUNetTrainerLabeledSubset
 from nnunetv2_samssl.training.nnUNetTrainerMeanTeacher import nnUNetTrainerMeanTeacher
 from nnunetv2_samssl.training.nnUNetTrainerSemiSAM import nnUNetTrainerSemiSAM
+from nnunetv2_samssl.training.nnUNetTrainerSFR import nnUNetTrainerSFR
 
 install_excepthook()
 
-__all__ = ["nnUNetTrainerLabeledSubset", "nnUNetTrainerMeanTeacher", "nnUNetTrainerSemiSAM"]
+__all__ = ["nnUNetTrainerLabeledSubset", "nnUNetTrainerMeanTeacher", "nnUNetTrainerSemiSAM", "nnUNetTrainerSFR"]

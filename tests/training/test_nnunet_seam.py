@@ -64,8 +64,8 @@ def test_extra_trainable_part_is_trained_checkpointed_resumed_and_kept_out_of_pr
         trainer.extra = trainer.parts.add("extra", extra, optimizer)
         terms = trainer.consistency_terms
 
-        def consistency_terms(outputs):  # the extra part takes part in the loss
-            out = terms(outputs)
+        def consistency_terms(outputs, masks=None):  # the extra part takes part in the loss
+            out = terms(outputs, masks)
             head = outputs.student[0] if isinstance(outputs.student, list) else outputs.student
             out["extra_term"] = trainer.extra(head.detach()).pow(2).mean()
             return out
