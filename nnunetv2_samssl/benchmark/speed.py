@@ -351,7 +351,11 @@ def build_trainer(trainer: TrainerSpec, dataset: str, configuration: str, fold: 
                                 f"the plans with -p.")
     plans = load_json(plans_file)
     plans["continue_training"] = False
-    return cls(plans, configuration, fold, load_json(os.path.join(base, "dataset.json")), device=device)
+    trainer = cls(plans, configuration, fold, load_json(os.path.join(base, "dataset.json")), device=device)
+    prepare = getattr(trainer, "prepare_for_speed_benchmark", None)  # e.g. SFR's stage-1 model, stood in for
+    if prepare is not None:
+        prepare()
+    return trainer
 
 
 def _synchronize(device: torch.device) -> None:

@@ -102,6 +102,17 @@ class nnUNetTrainerSFR(nnUNetTrainerMeanTeacher):
         stitched.segmenter.merge_lora()  # inference only from here: one matmul per projection
         return stitched
 
+    def prepare_for_speed_benchmark(self) -> None:
+        """Speed benchmarks only (in their scratch results folder): stage 2 needs stage 1's model, whose weights do
+        not change what a step costs, so the un-fine-tuned model (initial LoRA and decoder) stands in for it."""
+        from nnunetv2_samssl.training.checkpointing import atomic_torch_save
+        path = os.path.join(self.sfr_folder, SFR_MODEL)
+        if os.path.isfile(path):
+            return
+        os.makedirs(self.sfr_folder, exist_ok=True)
+        atomic_torch_save({"trainable": self.build_segmenter().segmenter.trainable_state_dict(),
+                           "meta": self.model_meta(), "losses": []}, path)
+
     # ------------------------------------------------------------------ stage 2
     def initialize_sources(self) -> None:
         s = self.settings
@@ -110,7 +121,8 @@ class nnUNetTrainerSFR(nnUNetTrainerMeanTeacher):
         all_scales = self.enable_deep_supervision
         if s.sfr_retrain.sfr_pseudo_labels == "cached":
             # Dice of the pseudo-labels of labeled-subset cases against their hidden labels: logged only
-            source = CachedSfrSource(stitched, context, s.sfr_retrain.sfr_weight, all_scales, diagnostics=True)
+            source = CachedSfrSource(stitched, context, s.sfr_retrain.sfr_weight, all_scales, diagnostics=True,
+                                     total_epochs=self.num_epochs)
         else:
             source = OnlineSfrSource(stitched, context, s.sfr_retrain.sfr_weight, all_scales)
         if s.selection.pseudo_label_selection != "none":

