@@ -90,3 +90,4 @@ def test_without_the_setting_labeled_patches_get_no_unlabeled_terms(sparse_env):
     trainer.teacher_outputs = lambda b: seen.append(b.images.shape[0]) or teacher_outputs(b)
     run_iterations(trainer, 1)
     assert seen == [trainer.unlabeled_batch_size]
+

@@ -120,3 +120,22 @@ def test_stock_cli_finetunes_trains_and_predicts(nnunet_env, tmp_path):
              "-c", "3d_fullres", "-tr", "nnUNetTrainerSFR", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
              "--disable_tta"], cli_env(nnunet_env))
     assert sorted(f for f in os.listdir(pred) if f.endswith(".nii.gz")) == ["ts_000.nii.gz", "ts_001.nii.gz"]
+
+
+def test_sfr_fine_tuning_never_learns_the_ignore_class(sparse_env):
+    """Stage 1 of SFR on sparse annotation: the ignore label becomes 'no label' on the canvases, so the loss sees
+    real classes only."""
+    from nnunetv2_samssl.pseudo_labels.sfr import IGNORE as NO_LABEL
+    from sparse_like import IGNORE
+    seed_everything(0)
+    trainer = make_trainer(nnUNetTrainerSFR, sparse_env, num_labeled=3, sfr_iterations=1)
+    run = Finetuning(trainer, log=lambda line: None)
+    train, _ = trainer.labeled_dataloaders()
+    batch = next(train)
+    images, labels = run.slices(batch)
+    target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+    assert (target == IGNORE).any() and not (labels == IGNORE).any()
+    assert int((labels == NO_LABEL).sum()) == int((target == IGNORE).sum())
+    _, canvas_labels, _ = run.stitched.canvases(images, labels)
+    assert set(torch.unique(canvas_labels).tolist()) <= {NO_LABEL, 0, 1, 2}
+    assert np.isfinite(run.step(batch))
