@@ -145,15 +145,18 @@ class UnlabeledDataset(nnUNetBaseDataset):
                 raise RuntimeError("An UnlabeledDataset carries either pseudo-labels or hidden labels, not both.")
             return data, _open_seg(folder, identifier), None, properties
         labels = None if self.pseudo_labels is None else self.pseudo_labels.load(identifier, data.shape[1:])
-        return data, MaskedMap(self.load_mask_source(identifier, data.shape[1:]), labels), None, properties
+        return data, MaskedMap(self.load_mask_source(identifier), labels), None, properties
 
-    def load_mask_source(self, identifier: str, spatial_shape):
-        """The array whose negative values mark nnU-Net's non-zero mask (see the module docstring); an all-zero
-        view (no mask) for a case preprocessed without one."""
+    def load_mask_source(self, identifier: str):
+        """The array whose negative values mark nnU-Net's non-zero mask (see the module docstring)."""
+        folder = self._folder_of[identifier]
         try:
-            return _open_seg(self._folder_of[identifier], identifier)
+            return _open_seg(folder, identifier)
         except FileNotFoundError:
-            return np.broadcast_to(np.zeros((1,) * (1 + len(spatial_shape)), dtype=np.int16), (1, *spatial_shape))
+            raise FileNotFoundError(
+                f"Case '{identifier}' in {folder} has an image but no _seg file (nnU-Net's non-zero mask). The "
+                f"folder is incomplete: for imagesUnlabeled cases delete the case's files there and run "
+                f"nnUNetv2_samssl_preprocess_unlabeled again; for training cases, nnUNetv2_preprocess.") from None
 
     @staticmethod
     def save_case(data, seg, properties, output_filename_truncated):
