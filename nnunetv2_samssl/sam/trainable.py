@@ -79,6 +79,7 @@ __all__ = [
     "load_trainable_state_dict",
     "MultiClassMaskDecoder",
     "PromptFreeSegmenter",
+    "ClassPromptedSegmenter",
 ]
 
 QKVRows = Tuple[torch.Tensor, torch.Tensor]
@@ -605,12 +606,16 @@ class MultiClassMaskDecoder(nn.Module):
             _reinitialised(source.output_hypernetworks_mlps[0]) for _ in range(num_classes))
 
     def forward(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
-                dense_embeddings: torch.Tensor) -> torch.Tensor:
+                dense_embeddings: torch.Tensor, sparse_embeddings: Optional[torch.Tensor] = None,
+                sparse_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """
         Args:
             image_embeddings: ``(B, C, *grid)``.
             image_pe: ``(1, C, *grid)`` dense positional encoding (``prompt_encoder.get_dense_pe()``).
             dense_embeddings: ``(1 or B, C, *grid)`` (broadcastable) dense prompt embedding.
+            sparse_embeddings: optional ``(B, T, C)`` prompt tokens appended after the output tokens (SAM's order).
+            sparse_valid: optional ``(B, T)`` bool; ``False`` tokens are never attended to where the transformer
+                supports a token mask (SAM-Med3D); 2D transformers see padding as SAM's "not a point" embedding.
         Returns:
             low-resolution logits ``(B, num_classes, *low_res)`` (``low_res = 4 * grid``).
         """
@@ -618,14 +623,28 @@ class MultiClassMaskDecoder(nn.Module):
         grid = image_embeddings.shape[2:]
         tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = tokens.unsqueeze(0).expand(batch, -1, -1)
+        token_valid = None
+        if sparse_embeddings is not None:
+            tokens = torch.cat([tokens, sparse_embeddings.to(tokens.dtype)], dim=1)
+            if sparse_valid is not None and _accepts_token_mask(self.transformer):
+                token_valid = torch.cat([sparse_valid.new_ones(batch, 1 + self.num_classes), sparse_valid.bool()], 1)
         src = image_embeddings + dense_embeddings.to(image_embeddings.dtype)
         pos = image_pe.to(image_embeddings.dtype).expand(batch, *image_pe.shape[1:])
-        hidden_tokens, src_tokens = self.transformer(src, pos, tokens)
+        if token_valid is not None:
+            hidden_tokens, src_tokens = self.transformer(src, pos, tokens, token_valid)
+        else:
+            hidden_tokens, src_tokens = self.transformer(src, pos, tokens)
         upscaled = self.output_upscaling(src_tokens.transpose(1, 2).reshape(batch, channels, *grid))
         hyper = torch.stack([mlp(hidden_tokens[:, 1 + k]) for k, mlp in enumerate(self.output_hypernetworks_mlps)],
                             dim=1)  # (B, K, C'), one head per class token
         masks = hyper @ upscaled.flatten(2).to(hyper.dtype)
         return masks.reshape(batch, self.num_classes, *upscaled.shape[2:])
+
+
+def _accepts_token_mask(transformer: nn.Module) -> bool:
+    """Whether a two-way transformer's forward takes a token mask (SAM-Med3D's ``token_valid``)."""
+    import inspect
+    return "token_valid" in inspect.signature(transformer.forward).parameters
 
 
 def _deep_copy(module: nn.Module) -> nn.Module:
@@ -746,3 +765,104 @@ class PromptFreeSegmenter(nn.Module):
     def unmerge_lora(self) -> int:
         """Undo :meth:`merge_lora`."""
         return unmerge_lora(self)
+
+
+class ClassPromptedSegmenter(PromptFreeSegmenter):
+    """``num_classes``-way segmentation prompted by class-labelled points (CPAC-SAM's promptable branch).
+
+    One query is one image with one point set; every point carries a class id (background 0 included), and the
+    decoder returns the logits of all ``K`` classes at once. The point tokens are SAM's: the backend's own
+    Fourier encoding of the voxel centre (``prompt_encoder.pe_layer``, frozen) plus a learned embedding of the
+    point's class (:attr:`class_point_embed`, ``(K, C)``). SAM has embeddings for "positive" and "negative" only,
+    so the class embeddings are new: background starts from SAM's negative embedding, every foreground class from
+    the positive one plus a small random offset (so classes are told apart from the first step). Padding points
+    (label ``-1``) get SAM's "not a point" embedding, and one such token is appended to every set, as SAM does
+    without a box. The dense prompt is the segmenter's "no mask" embedding (see :class:`PromptFreeSegmenter`).
+
+    Trainable: the K-class mask decoder, the class point embeddings and the dense embedding (the prompt side:
+    ``train_prompt_encoder``), and LoRA on the image encoder's ``q`` and ``v`` when ``lora_rank > 0``. Everything
+    else is frozen; with ``lora_rank = 0`` the image encoder needs no gradient at all (:meth:`encode` runs it
+    without autograd).
+
+    Args:
+        promptable: a 2D backend (segment-anything ViT, LiteMedSAM) or SAM-Med3D.
+        num_classes: ``K`` including background.
+        lora_rank: LoRA rank on ``q`` and ``v`` (0: encoder fully frozen).
+        train_prompt_encoder: train the class point embeddings and the dense embedding.
+    """
+
+    def __init__(self, promptable: PromptableModel, num_classes: int, *, lora_rank: int = 0,
+                 lora_alpha: Optional[float] = None, train_prompt_encoder: bool = True) -> None:
+        super().__init__(promptable, num_classes, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                         train_no_mask_embed=train_prompt_encoder)
+        _, prompt_encoder, _ = sam_modules(promptable)
+        for attr in ("pe_layer", "point_embeddings", "not_a_point_embed", "input_image_size"):
+            if not hasattr(prompt_encoder, attr):
+                raise TypeError(f"{type(prompt_encoder).__name__} is not a SAM prompt encoder (no '{attr}')")
+        negative = prompt_encoder.point_embeddings[0].weight.detach()
+        positive = prompt_encoder.point_embeddings[1].weight.detach()
+        offsets = torch.randn(self.num_classes - 1, positive.shape[1], device=positive.device,
+                              dtype=positive.dtype) * 0.02 * positive.norm() / math.sqrt(positive.shape[1])
+        initial = torch.cat([negative, positive.expand(self.num_classes - 1, -1) + offsets], 0)
+        self.class_point_embed = nn.Parameter(initial.clone(), requires_grad=train_prompt_encoder)
+        self.lora_rank = lora_rank
+        _record_trainable(self)
+
+    @property
+    def ndim(self) -> int:
+        return self.promptable.input_space.ndim
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Image embeddings ``(B, E, *grid)`` of ``(B, C, *input_space.size)`` images (nnU-Net intensities; the
+        backend's normalisation is applied). Without LoRA the frozen encoder runs without autograd."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.lora_rank > 0):
+            return self.promptable.encode(self.promptable.normalize(images))
+
+    def embed_points(self, points: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Point tokens ``(Q, N + 1, C)`` and their validity ``(Q, N + 1)`` for points ``(Q, N, d)`` (voxel
+        coordinates in the model-input grid, tensor axis order) with class labels ``(Q, N)`` (``-1``: padding);
+        the last token is the appended "not a point"."""
+        _, prompt_encoder, _ = sam_modules(self.promptable)
+        q = points.shape[0]
+        if points.ndim != 3 or points.shape[-1] != self.ndim or tuple(labels.shape) != tuple(points.shape[:2]):
+            raise ValueError(f"expected points (Q, N, {self.ndim}) and labels (Q, N), got {tuple(points.shape)} "
+                             f"and {tuple(labels.shape)}")
+        if labels.numel() and int(labels.max()) >= self.num_classes:
+            raise ValueError(f"point labels must be class ids below {self.num_classes} (or -1), got {int(labels.max())}")
+        coords = torch.cat([points.float() + 0.5, points.new_zeros(q, 1, self.ndim, dtype=torch.float32)], 1)
+        labels = torch.cat([labels.long(), labels.new_full((q, 1), -1, dtype=torch.long)], 1)
+        if self.ndim == 2:  # segment-anything encodes (x, y) = (col, row)
+            coords = coords.flip(-1)
+        with torch.autocast(device_type=coords.device.type, enabled=False):
+            encoding = prompt_encoder.pe_layer.forward_with_coords(coords, prompt_encoder.input_image_size)
+        padding = (labels == -1).unsqueeze(-1)
+        tokens = encoding + self.class_point_embed[labels.clamp_min(0)].to(encoding.dtype)
+        tokens = torch.where(padding, prompt_encoder.not_a_point_embed.weight.to(encoding.dtype), tokens)
+        return tokens, ~padding[..., 0]
+
+    def decode(self, embeddings: torch.Tensor, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Low-resolution class logits ``(Q, K, *low_res)`` for embeddings ``(Q, E, *grid)`` (one row per query)
+        and one class-labelled point set per query (see :meth:`embed_points`)."""
+        _, prompt_encoder, _ = sam_modules(self.promptable)
+        if embeddings.shape[0] != points.shape[0]:
+            raise ValueError(f"one point set per embedding row: {embeddings.shape[0]} rows, {points.shape[0]} sets")
+        sparse, valid = self.embed_points(points, labels)
+        dense = self.no_mask_embed.reshape(1, -1, *([1] * self.ndim))
+        return self.decoder(embeddings, prompt_encoder.get_dense_pe(), dense, sparse, valid)
+
+    def forward(self, images: torch.Tensor, points: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Class logits ``(B, K, *input_space.size)`` of images prompted by one point set each (no points: the
+        prompt-free segmenter's output)."""
+        if points is None:
+            return super().forward(images)
+        low_res = self.decode(self.encode(images), points, labels)
+        return self.upscale(low_res)
+
+    def upscale(self, low_res: torch.Tensor) -> torch.Tensor:
+        """Low-resolution logits -> logits at the model input size (bilinear / trilinear)."""
+        size = tuple(self.promptable.input_space.size)
+        if tuple(low_res.shape[2:]) == size:
+            return low_res
+        return F.interpolate(low_res, size=size, mode="bilinear" if self.ndim == 2 else "trilinear",
+                             align_corners=False)

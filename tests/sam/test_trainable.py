@@ -613,3 +613,41 @@ def test_prompt_free_segmenter_sam_med3d():
     assert set(trainable_parameter_names(segmenter)) == expected
     logits.logsumexp(1).mean().backward()
     assert {n for n, p in segmenter.named_parameters() if p.grad is not None} == expected
+
+
+# ------------------------------------------------------------------------------------------------
+# class-prompted segmenter (CPAC-SAM)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("build", ["sam2d", "sam_med3d"])
+def test_class_prompted_segmenter_trains_its_parts_and_merges_lora_exactly(build):
+    from nnunetv2_samssl.sam.trainable import ClassPromptedSegmenter
+
+    model = tiny_sam2d() if build == "sam2d" else tiny_sam_med3d()
+    segmenter = ClassPromptedSegmenter(model, 3, lora_rank=2)
+    perturb_lora_(segmenter)
+    names = set(trainable_parameter_names(segmenter))
+    assert {"class_point_embed", "no_mask_embed"} <= names
+    assert all(n in ("class_point_embed", "no_mask_embed") or n.startswith("decoder.") or ".lora_" in n for n in names)
+    space = model.input_space
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 1, *space.size, generator=gen)
+    points = torch.randint(0, space.size[0], (2, 4, space.ndim), generator=gen).float()
+    labels = torch.tensor([[0, 1, 2, -1], [2, 2, 0, 1]])
+    logits = segmenter(images, points, labels)
+    assert logits.shape == (2, 3, *space.size)
+    logits.square().mean().backward()
+    with_grad = {n for n, p in segmenter.named_parameters() if p.grad is not None}
+    assert with_grad == names  # every trained part is on the path, nothing frozen gets a gradient
+    assert segmenter.class_point_embed.grad[1:].abs().sum() > 0
+    # the point's class matters: relabelling a point changes the output
+    with torch.no_grad():
+        other = segmenter(images, points, torch.tensor([[0, 2, 1, -1], [2, 2, 0, 1]]))
+        assert not torch.allclose(other[0], logits[0]) and torch.allclose(other[1], logits[1], **TIGHT)
+        # padding points are ignored wherever they sit
+        moved = points.clone()
+        moved[0, 3] = 0
+        assert torch.allclose(segmenter(images, moved, labels), logits, **TIGHT)
+        assert segmenter.merge_lora() > 0
+        assert torch.allclose(segmenter(images, points, labels), logits, atol=1e-4, rtol=1e-4)
+        segmenter.unmerge_lora()
+        assert torch.allclose(segmenter(images, points, labels), logits, **TIGHT)
