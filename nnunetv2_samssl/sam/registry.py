@@ -41,7 +41,9 @@ def _sam_med3d(checkpoint, device, **kwargs):
     from nnunetv2_samssl.sam.sam_med3d.promptable import SAMMed3DPromptable
 
     kwargs.setdefault("allow_pickle", False)
-    return SAMMed3DPromptable.from_checkpoint(checkpoint, config="vit_b_ori", device=device, **kwargs)
+    # the released architecture, or the named configuration the weights fit (e.g. a small test model)
+    return SAMMed3DPromptable.from_checkpoint(checkpoint, config="vit_b_ori" if kwargs.get("random_init") else "auto",
+                                              device=device, **kwargs)
 
 
 # name -> (builder, ships its own weights?)

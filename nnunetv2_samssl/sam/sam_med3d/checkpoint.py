@@ -117,10 +117,23 @@ def check_state_dict(state_dict: Mapping, config: Union[str, SAMMed3DConfig] = "
                                  f"'{name}' ({'; '.join(parts)})" + (f". {hint}" if hint else ""))
 
 
+def matching_config(state_dict: Mapping) -> str:
+    """The named configuration (``SAM_MED3D_CONFIGS``) whose keys and shapes ``state_dict`` has exactly; the
+    released architecture ``vit_b_ori`` when none does (so the mismatch is reported against it)."""
+    from .build import SAM_MED3D_CONFIGS
+    for name in SAM_MED3D_CONFIGS:
+        if not state_dict_problems(state_dict, expected_state_shapes(name)):
+            return name
+    return "vit_b_ori"
+
+
 def load_sam_med3d(path: Optional[PathLike], config: Union[str, SAMMed3DConfig] = "vit_b_ori",
                    allow_pickle: bool = False, device: Union[str, torch.device] = "cpu") -> SAMMed3D:
-    """Build ``config`` and load the weights of ``path`` strictly; float32, eval mode, on ``device``."""
+    """Build ``config`` and load the weights of ``path`` strictly; float32, eval mode, on ``device``.
+    ``config="auto"``: the named configuration the weights fit (:func:`matching_config`)."""
     state_dict = load_sam_med3d_state_dict(path, allow_pickle=allow_pickle)
+    if config == "auto":
+        config = matching_config(state_dict)
     check_state_dict(state_dict, config, source=str(path))
     with torch.device("meta"):
         model = build_sam_med3d(config)

@@ -12,7 +12,7 @@ import torch
 
 from ..interface import InputSpace, PromptableModel
 from .build import SAMMed3DConfig, build_sam_med3d, get_config
-from .checkpoint import load_sam_med3d
+from .checkpoint import load_sam_med3d, load_sam_med3d_state_dict, matching_config
 from .model import SAMMed3D
 
 SAM_MED3D_SPACING_MM = (1.5, 1.5, 1.5)
@@ -74,7 +74,8 @@ class SAMMed3DPromptable(PromptableModel):
             path: the weights file (setting ``sam_checkpoint``): a tensors-only file from
                 ``nnUNetv2_samssl_convert_sam_med3d``, a ``.safetensors`` file, or (with ``allow_pickle``)
                 an official ``sam_med3d*.pth``. Nothing is downloaded.
-            config: architecture name (``vit_b_ori`` for the released checkpoints).
+            config: architecture name (``vit_b_ori`` for the released checkpoints; ``auto``: the named
+                configuration the weights fit).
             device: where the model goes.
             allow_pickle: setting ``sam_checkpoint_allow_pickle``: read pickled files, which executes code
                 stored in them (see :mod:`.checkpoint`).
@@ -89,6 +90,8 @@ class SAMMed3DPromptable(PromptableModel):
         if random_init:
             model = build_sam_med3d(config).to(device)
         else:
+            if config == "auto":
+                config = matching_config(load_sam_med3d_state_dict(path, allow_pickle=allow_pickle))
             model = load_sam_med3d(path, config=config, allow_pickle=allow_pickle, device=device)
         return cls(model, config, foreground_threshold=foreground_threshold, frozen=frozen,
                    image_channel=image_channel)
