@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Dict, List, Mapping, Tuple, Type
 
 import torch
@@ -24,6 +25,13 @@ from nnunetv2_samssl.data.splits import choose_labeled_subset
 from nnunetv2_samssl.training.nnunet_seam import nnUNetSeam
 
 SAVED_CONFIG = "samssl_config.yaml"
+
+
+def started_for_validation() -> bool:
+    """This process is ``nnUNetv2_train ... --val``: nnU-Net tells the trainer about ``--c`` (the plans'
+    ``continue_training``) but not about ``--val``, so its command line is read."""
+    argv = sys.argv
+    return bool(argv) and os.path.basename(argv[0]).startswith("nnUNetv2_train") and "--val" in argv[1:]
 
 
 class LabeledSubsetMixin(nnUNetSeam):
@@ -39,7 +47,9 @@ class LabeledSubsetMixin(nnUNetSeam):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        config, self.settings_sources = self._resolve_settings(self.continue_training)  # set by nnUNetSeam
+        # --c, and nnUNetv2_train --val (which validates the trained model), use the fold's saved settings
+        config, self.settings_sources = self._resolve_settings(self.continue_training  # set by nnUNetSeam
+                                                               or started_for_validation())
         self.settings = Settings.from_config(self.settings_layout, config)
         for key, value in self.settings.training.to_config().items():
             if value is not None:
