@@ -654,3 +654,24 @@ def test_bf16_autocast(tiny_promptable):
     rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
     assert rel(emb16, emb32) < 0.05
     assert rel(low16, low32) < 0.1
+
+
+def test_registry_loads_weights_of_any_named_configuration(tmp_path):
+    """sam_checkpoint holding a smaller named configuration (e.g. a test model) loads as that configuration;
+    weights that fit none are reported against the released architecture."""
+    from nnunetv2_samssl.sam import registry
+    from nnunetv2_samssl.sam.sam_med3d.build import build_sam_med3d
+    from nnunetv2_samssl.sam.sam_med3d.checkpoint import SAMCheckpointError
+
+    torch.manual_seed(0)
+    tiny = build_sam_med3d("tiny")
+    path = tmp_path / "tiny.pth"
+    torch.save(tiny.state_dict(), path)
+    model = registry.build_promptable_model("sam_med3d", str(path), "cpu")
+    assert model.input_space.size == (32, 32, 32)
+    assert all(torch.equal(a, b) for a, b in zip(model.model.state_dict().values(), tiny.state_dict().values()))
+    broken = dict(tiny.state_dict())
+    broken.pop(next(iter(broken)))
+    torch.save(broken, path)
+    with pytest.raises(SAMCheckpointError, match="vit_b_ori"):
+        registry.build_promptable_model("sam_med3d", str(path), "cpu")
