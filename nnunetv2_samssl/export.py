@@ -41,6 +41,8 @@ NNUNET_CHECKPOINT_KEYS = ("network_weights", "optimizer_state", "grad_scaler_sta
 TRAINER_FILES = ("dataset.json", "plans.json", "dataset_fingerprint.json")
 FOLD_FILES = ("progress.png", "debug.json", "network_architecture.pdf", os.path.join("validation", "summary.json"))
 PACKAGE = __name__.split(".")[0]
+SECOND_DECODER = "decoder_b."  # networks.dual_decoder.DualDecoderNetwork: two branches on one encoder
+BRANCHES = ("branch_a", "branch_b")
 
 
 class ExportError(RuntimeError, UserError):
@@ -72,6 +74,20 @@ def plain_checkpoint(checkpoint: dict, part: Optional[str] = None) -> Tuple[dict
     missing = [k for k in ("network_weights", "init_args", "trainer_name") if k not in checkpoint]
     if missing:
         raise ExportError(f"not an nnU-Net checkpoint (no {missing})")
+    two_decoders = any(k.startswith(SECOND_DECODER) for k in checkpoint["network_weights"])
+    if two_decoders or part in BRANCHES:
+        if not two_decoders:
+            raise ExportError(f"its network has one decoder (written by {checkpoint['trainer_name']}); --part "
+                              f"{part} applies to two-branch models (nnUNetTrainerCPACSAM)")
+        if part not in BRANCHES:
+            raise ExportError(f"its network has two decoders ({checkpoint['trainer_name']}) and predicts with the "
+                              f"mean of both, which nnU-Net's plain network cannot hold. Export one branch with "
+                              f"--part branch_a or --part branch_b (its predictions differ from the mean of the "
+                              f"two), or predict with this package installed")
+        plain = {k: checkpoint[k] for k in NNUNET_CHECKPOINT_KEYS if k in checkpoint}
+        plain["network_weights"] = one_branch(checkpoint["network_weights"], part)
+        plain["trainer_name"] = PLAIN_TRAINER
+        return plain, part
     if chosen is None:
         if part not in (None, "student"):
             raise ExportError(f"it holds one network only (written by {checkpoint['trainer_name']}); there is no "
@@ -90,6 +106,18 @@ def plain_checkpoint(checkpoint: dict, part: Optional[str] = None) -> Tuple[dict
     plain["network_weights"] = {k: v.detach().cpu().clone() for k, v in weights.items()}
     plain["trainer_name"] = PLAIN_TRAINER
     return plain, name
+
+
+def one_branch(weights: dict, branch: str) -> dict:
+    """The plain network of one branch of a two-decoder network (``encoder`` + ``decoder`` or ``decoder_b``)."""
+    keep, drop = ("decoder.", SECOND_DECODER) if branch == "branch_a" else (SECOND_DECODER, "decoder.")
+    out = {}
+    for k, v in weights.items():
+        if k.startswith(drop):
+            continue
+        name = "decoder." + k[len(keep):] if k.startswith(keep) else k
+        out[name] = v.detach().cpu().clone()
+    return out
 
 
 def pickled_modules(path: str) -> Set[str]:
@@ -314,7 +342,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                              "<configuration>. Point nnUNet_results there to predict with it")
     parser.add_argument("--part", default=None,
                         help="export this part's weights (student, teacher) instead of those the trainer predicted "
-                             "with")
+                             "with; for two-branch models (nnUNetTrainerCPACSAM): branch_a or branch_b")
     args = parser.parse_args(argv)
     try:
         for c in args.c:

@@ -22,3 +22,26 @@ def run_cli(args, env, timeout=600) -> str:
                        timeout=timeout)
     assert r.returncode == 0, f"{args} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r.stdout + r.stderr
+
+
+def train_until_killed(args, env, fold_folder, log_path, epoch: int = 1, timeout: float = 400) -> str:
+    """Starts console script ``args[0]``, waits until ``checkpoint_latest.pth`` exists and ``Epoch {epoch}`` has
+    started, then SIGKILLs its whole process group mid-epoch (as a crash or an out-of-memory kill would).
+    Returns the log; fails if training ended before it could be killed."""
+    import signal
+    import time
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([os.path.join(BIN, args[0]), *args[1:]], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.isfile(os.path.join(fold_folder, "checkpoint_latest.pth")) \
+                    and f"Epoch {epoch}" in open(log_path).read():
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "training ended before it could be killed:\n" + open(log_path).read()[-3000:]
+        time.sleep(2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return open(log_path).read()

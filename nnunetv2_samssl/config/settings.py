@@ -167,7 +167,7 @@ class SamModelSettings(SettingsGroup):
                                        "channels R, G, B, else channel 0.")
 
 
-PROMPT_MODES = ("point", "mask", "unc")
+PROMPT_MODES = ("point", "mask", "unc", "grid")
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,15 @@ class SamLabelerSettings(SettingsGroup):
 
     mode: str = setting("point", key="sam_prompt_mode", types=(str,), choices=PROMPT_MODES,
                         doc="SemiSAM+ prompt mode: point (clicks from the prediction), mask (the prediction as "
-                            "dense prompt) or unc (points + voxel-wise uncertainty).")
+                            "dense prompt), unc (points + voxel-wise uncertainty) or grid (CPAC-SAM's adaptive "
+                            "grid: positive points on the confident predicted object, negative ones on the "
+                            "confident background, one decoder pass).")
+    grid_density: float = setting(8.0, key="sam_grid_density", types=(float,), minimum=1.0,
+                                  doc="grid mode: density s of the grid (interval max(floor(A^(1/d) / s), 1) for a "
+                                      "region of A voxels in d dimensions).")
+    grid_max_points: Optional[int] = setting(32, key="sam_grid_max_points", types=(int,), minimum=1, nullable=True,
+                                             doc="grid mode: at most this many positive and this many negative "
+                                                 "points per query (a random subset of the grid); null = all.")
     num_clicks: int = setting(10, key="sam_num_clicks", types=(int,), minimum=1,
                               doc="Decoder passes of the click loop (one new click each; point/unc modes).")
     num_positive: int = setting(1, key="sam_num_positive", types=(int,), minimum=1,
@@ -336,6 +344,51 @@ class SfrRetrainSettings(SettingsGroup):
                               minimum=0.0)
 
 
+@dataclass(frozen=True)
+class CpacSettings(SettingsGroup):
+    """CPAC-SAM: two nnU-Net branches that prompt a trainable promptable model for each other."""
+
+    cpac_lora_rank: int = _user(types=(int,), doc="Rank of LoRA on the q and v projections of the promptable model's "
+                                "image encoder (0 = encoder frozen, no gradient through it; the public code: 4).",
+                                minimum=0)
+    cpac_train_prompt_encoder: bool = _user(types=(bool,), doc="Train the class point embeddings and the dense "
+                                            "prompt embedding besides the mask decoder.")
+    cpac_sam_lr: float = _user(types=(float,), doc="AdamW learning rate of the promptable model's trained parts "
+                               "(poly decay over the training, like nnU-Net's).", minimum=0.0)
+    cpac_sam_weight_decay: float = _user(types=(float,), doc="AdamW weight decay of the promptable model's trained "
+                                         "parts.", minimum=0.0)
+    cpac_sam_supervised_weight: float = _user(types=(float,), doc="Weight of the promptable model's loss on labeled "
+                                              "patches prompted from their labels (0.2 CE + 0.8 Dice per prompt set, "
+                                              "averaged over the two sets).", minimum=0.0)
+    cpac_cross_weight: float = _user(types=(float,), doc="Weight of each branch's loss 0.5 (CE + Dice) against the "
+                                     "pseudo-label the other branch's prompts produced.", minimum=0.0)
+    cpac_consistency_weight: float = _user(types=(float,), doc="Weight of the prompt consistency: each prompt set's "
+                                           "output against the pseudo-label averaged over both sets, "
+                                           "0.5 (CE + Dice) each.", minimum=0.0)
+    cpac_warmup: float = _user(types=(float,), doc="Fraction of the training before the cross-prompting and "
+                               "consistency terms start (the promptable model and the branches are trained on "
+                               "labeled data only until then).", minimum=0.0, maximum=1.0)
+    cpac_density_1: float = _user(types=(float,), doc="Grid density s of the first prompt set: interval = "
+                                  "max(floor(A^(1/d) / s), 1) for a class region of A voxels in d dimensions.",
+                                  minimum=1.0)
+    cpac_density_2: float = _user(types=(float,), doc="Grid density s of the second prompt set.", minimum=1.0)
+    cpac_max_points_per_class: Optional[int] = _user(types=(int,), doc="At most this many grid points per class and "
+                                                     "prompt set (a random subset of the grid); null = no limit "
+                                                     "(3D grids have up to s^3 points per class).", nullable=True,
+                                                     minimum=1)
+    cpac_feature_source: str = _user(types=(str,), doc="Features of the class prototypes: sam (the promptable "
+                                     "model's image embedding) or network (the feature map each nnU-Net decoder feeds "
+                                     "its segmentation layer).", choices=("sam", "network"))
+    cpac_prototype_momentum: float = _user(types=(float,), doc="EMA momentum of the class prototypes over "
+                                           "iterations.", minimum=0.0, maximum=1.0)
+    cpac_max_crops: Optional[int] = _user(types=(int,), doc="At most this many promptable-model inputs (crops, "
+                                          "tiles or slices) per batch and step, a random subset; the voxels of the "
+                                          "others get no pseudo-label this step. null = all.", nullable=True,
+                                          minimum=1)
+    cpac_slice_axis: int = _user(types=(int,), doc="3D configurations with a 2D backend: the patch axis that is "
+                                 "sliced.", minimum=0, maximum=2)
+
+
 # ----------------------------------------------------------------------------------------------------
 # A trainer's settings: named groups, built once from the resolved YAML
 # ----------------------------------------------------------------------------------------------------
@@ -388,11 +441,15 @@ SEMISAM_LAYOUT = {**MEAN_TEACHER_LAYOUT, "sam_model": SamModelSettings, "sam_lab
 SFR_LAYOUT = {**MEAN_TEACHER_LAYOUT, "sam_model": SamModelSettings, "sfr_finetune": SfrFinetuneSettings,
               "sfr_retrain": SfrRetrainSettings, "selection": SelectionSettings}
 
+CPAC_LAYOUT = {**LABELED_SUBSET_LAYOUT, "unlabeled": UnlabeledSettings, "sam_model": SamModelSettings,
+               "cpac": CpacSettings}
+
 LABELED_SUBSET_SCHEMA = options_of(LABELED_SUBSET_LAYOUT)
 MEAN_TEACHER_SCHEMA = options_of(MEAN_TEACHER_LAYOUT)
 SEMISAM_SCHEMA = options_of(SEMISAM_LAYOUT)
 SFR_SCHEMA = options_of(SFR_LAYOUT)
+CPAC_SCHEMA = options_of(CPAC_LAYOUT)
 
 
 def group_layouts() -> Sequence[Mapping[str, Type[SettingsGroup]]]:
-    return LABELED_SUBSET_LAYOUT, MEAN_TEACHER_LAYOUT, SEMISAM_LAYOUT, SFR_LAYOUT
+    return LABELED_SUBSET_LAYOUT, MEAN_TEACHER_LAYOUT, SEMISAM_LAYOUT, SFR_LAYOUT, CPAC_LAYOUT

@@ -69,22 +69,30 @@ def resolve_image_channel(value: Union[int, str], channel_names: Mapping[str, st
                       f"auto).")
 
 
-def build_sam_labeler(model_settings: SamModelSettings, labeler_settings: SamLabelerSettings,
-                      device: torch.device, channel_names: Optional[Mapping[str, str]] = None):
-    """The promptable model named by the settings, frozen, behind a :class:`SamPseudoLabeler`.
-    ``channel_names`` (dataset.json) resolve the setting ``sam_image_channel``."""
-    import dataclasses
-
+def build_promptable(model_settings: SamModelSettings, device: torch.device,
+                     channel_names: Optional[Mapping[str, str]] = None):
+    """The promptable model named by the settings (weights from ``sam_checkpoint``); ``channel_names``
+    (dataset.json) resolve the setting ``sam_image_channel``."""
     from nnunetv2_samssl.sam import registry
-    from nnunetv2_samssl.sam.branch import SamPseudoLabeler
 
     kwargs: dict = {"random_init": model_settings.sam_random_init}
     kwargs["image_channel"] = resolve_image_channel(model_settings.sam_image_channel, channel_names or {"0": "0"},
                                                     not model_settings.sam_backend.startswith("sam_med3d"))
     if model_settings.sam_backend.startswith("sam_med3d"):
         kwargs["allow_pickle"] = model_settings.sam_checkpoint_allow_pickle
-    model = registry.build_promptable_model(model_settings.sam_backend, model_settings.sam_checkpoint, device,
-                                            **kwargs)
+    return registry.build_promptable_model(model_settings.sam_backend, model_settings.sam_checkpoint, device,
+                                           **kwargs)
+
+
+def build_sam_labeler(model_settings: SamModelSettings, labeler_settings: SamLabelerSettings,
+                      device: torch.device, channel_names: Optional[Mapping[str, str]] = None):
+    """The promptable model named by the settings, frozen, behind a :class:`SamPseudoLabeler`.
+    ``channel_names`` (dataset.json) resolve the setting ``sam_image_channel``."""
+    import dataclasses
+
+    from nnunetv2_samssl.sam.branch import SamPseudoLabeler
+
+    model = build_promptable(model_settings, device, channel_names)
     if labeler_settings.prompt_kind == "auto" and model_settings.sam_backend == "litemedsam":
         labeler_settings = dataclasses.replace(labeler_settings, prompt_kind="boxes")  # trained with boxes
     return SamPseudoLabeler.from_settings(model, labeler_settings)

@@ -10,6 +10,8 @@ Data path of one call::
          point: initial SemiSAM points, then one new click per step, previous low-res logits as mask prompt
          mask:  the prediction, downsampled to the decoder's low-res grid, as the dense mask prompt (1 pass)
          unc:   as point, plus U = variance over (student map, SAM map of every click)
+         grid:  CPAC-SAM's adaptive grid: positive points on the confident object, negative on the confident
+                background (prompts.grid_prompts), one pass
       -> low-res logits -> SamSpaceMapper.to_patch (sigmoid, tiles averaged) -> classes combined
       -> SamPseudoLabel(probabilities (B, K, *patch), valid (B, *patch), uncertainty, stats)
 
@@ -45,6 +47,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from nnunetv2_samssl.config.settings import PROMPT_MODES, SamLabelerSettings
+from nnunetv2_samssl.prompts.grid_prompts import adaptive_grid_points
 from nnunetv2_samssl.prompts.semisam_points import next_click, semisam_points
 from nnunetv2_samssl.prompts.uncertainty import prompt_uncertainty
 from nnunetv2_samssl.sam.interface import PromptableModel
@@ -129,6 +132,11 @@ class SamPseudoLabeler:
             sparse = "points" if "points" in kinds else "boxes" if "boxes" in kinds else None
         else:
             sparse = settings.prompt_kind if settings.prompt_kind in kinds else None
+        if settings.mode == "grid":
+            if "points" not in kinds:
+                raise ValueError(f"mode='grid' needs a model that accepts point prompts; the model accepts "
+                                 f"{sorted(kinds)}")
+            sparse = "points"
         if settings.mode in ("point", "unc") and sparse is None:
             raise ValueError(f"mode={settings.mode!r} needs a model that accepts point or box prompts (prompt_kind="
                              f"{settings.prompt_kind!r}); the model accepts {sorted(kinds)}")
@@ -297,6 +305,8 @@ class SamPseudoLabeler:
         if self.mode == "mask":
             low_res = self._mask_prompt_pass(embeddings, queries, source if regions else source[:, 1:], fg_model,
                                              unc_model)
+        elif self.mode == "grid":
+            low_res, points_per_query = self._grid_pass(embeddings, fg_model, unc_model, inside, generator)
         else:
             student_model = queries.patch_to_model(student if regions else student[:, 1:], select_channel=True)[:, 0] \
                 if self.mode == "unc" else None
@@ -331,6 +341,22 @@ class SamPseudoLabeler:
         boxes = self._box(fg_model, unc_model < self.settings.uncertainty_threshold) if self.sparse_prompt == "boxes" \
             else None
         return self._decode(embeddings, None, None, boxes, mask_logits)
+
+    def _grid_pass(self, embeddings: Tensor, fg_model: Tensor, unc_model: Tensor, inside: Tensor,
+                   generator: Optional[torch.Generator]) -> Tuple[Tensor, int]:
+        """``grid`` mode: CPAC-SAM's adaptive grid (``prompts.grid_prompts``) on the confident predicted object
+        (positive points) and the confident background of the window (negative points), one decoder pass."""
+        confident = unc_model < self.settings.uncertainty_threshold
+        regions = torch.stack([~fg_model & inside & confident, fg_model & confident], 1)  # (Qp, 2, *size)
+        prompts = adaptive_grid_points(regions, self.settings.grid_density, generator=generator,
+                                       max_points_per_class=self.settings.grid_max_points)
+        mask_prompt = None
+        if self.model.input_space.first_pass_mask_prompt:
+            mask_prompt = embeddings.new_zeros((embeddings.shape[0], 1, *self.model.input_space.low_res_size),
+                                               dtype=torch.float32)
+        # grid labels are the region index: 0 background (negative), 1 object (positive), -1 padding
+        low_res = self._decode(embeddings, prompts.points, prompts.labels, None, mask_prompt)
+        return low_res, int(prompts.points.shape[1])
 
     def _click_loop(self, embeddings: Tensor, fg_model: Tensor, unc_model: Tensor, inside: Tensor,
                     student_model: Optional[Tensor], generator: Optional[torch.Generator]

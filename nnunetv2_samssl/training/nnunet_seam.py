@@ -162,6 +162,7 @@ class nnUNetSeam:
         trainable = [part for _, part in self.parts.trainable()]
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
+            self.synchronize_gradients()
             for part in trainable:
                 self.grad_scaler.unscale_(part.optimizer)
                 torch.nn.utils.clip_grad_norm_(part.module.parameters(), 12)
@@ -170,10 +171,14 @@ class nnUNetSeam:
             self.grad_scaler.update()
         else:
             loss.backward()
+            self.synchronize_gradients()
             for part in trainable:
                 torch.nn.utils.clip_grad_norm_(part.module.parameters(), 12)
                 part.optimizer.step()
         self.after_optimizer_step()
+
+    def synchronize_gradients(self) -> None:
+        """Hook after ``backward``: average the gradients of parts DDP does not wrap over the ranks."""
 
     def after_optimizer_step(self) -> None:
         """Hook, e.g. the EMA teacher update."""

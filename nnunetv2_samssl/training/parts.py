@@ -33,6 +33,8 @@ class Part:
         optimizer, lr_scheduler: ``None`` for a part that is not trained by gradients.
         predicts: its weights are written as ``network_weights``.
         owned_by_nnunet: nnU-Net's checkpoint keys hold its optimizer state (the student).
+        compact: the module saves only what it trains (``compact_state_dict`` / ``load_compact_state_dict``), e.g. a
+            promptable model whose frozen pretrained weights come from its own checkpoint file.
     """
 
     module: nn.Module
@@ -40,6 +42,7 @@ class Part:
     lr_scheduler: Optional[Any] = None
     predicts: bool = False
     owned_by_nnunet: bool = False
+    compact: bool = False
 
     @property
     def trainable(self) -> bool:
@@ -58,7 +61,7 @@ class TrainableParts:
 
     def add(self, name: str, module: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
             lr_scheduler: Optional[Any] = None, predicts: bool = False, owned_by_nnunet: bool = False,
-            ddp: bool = False, device_ids: Optional[List[int]] = None) -> nn.Module:
+            ddp: bool = False, device_ids: Optional[List[int]] = None, compact: bool = False) -> nn.Module:
         """Adds a part and returns its module as training should call it: wrapped in DDP (``device_ids`` as
         nnU-Net passes them, ``[local_rank]`` on GPUs) when it is trainable and ``ddp`` is set, unchanged
         otherwise."""
@@ -66,7 +69,7 @@ class TrainableParts:
             raise ValueError(f"a part named {name!r} exists already")
         if optimizer is not None and ddp and not isinstance(module, nn.parallel.DistributedDataParallel):
             module = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
-        self._parts[name] = Part(module, optimizer, lr_scheduler, predicts, owned_by_nnunet)
+        self._parts[name] = Part(module, optimizer, lr_scheduler, predicts, owned_by_nnunet, compact)
         return module
 
     def set_predicting(self, name: str) -> None:
@@ -109,7 +112,8 @@ class TrainableParts:
     def state_dict(self) -> Dict[str, Dict[str, Any]]:
         out: Dict[str, Dict[str, Any]] = {}
         for name, part in self._parts.items():
-            state: Dict[str, Any] = {"weights": part.plain.state_dict()}
+            state: Dict[str, Any] = {"weights": part.plain.compact_state_dict() if part.compact
+                                     else part.plain.state_dict()}
             if part.trainable and not part.owned_by_nnunet:
                 state["optimizer"] = part.optimizer.state_dict()
                 if part.lr_scheduler is not None and hasattr(part.lr_scheduler, "state_dict"):
@@ -127,7 +131,10 @@ class TrainableParts:
                                f"a new training without --c.")
         for name, part in self._parts.items():
             weights = {k[7:] if k.startswith("module.") else k: v for k, v in state[name]["weights"].items()}
-            part.plain.load_state_dict(weights)
+            if part.compact:
+                part.plain.load_compact_state_dict(weights)
+            else:
+                part.plain.load_state_dict(weights)
             if "optimizer" in state[name]:
                 part.optimizer.load_state_dict(state[name]["optimizer"])
             if "lr_scheduler" in state[name]:

@@ -4,6 +4,7 @@ Importing it (nnU-Net's trainer lookup does) also makes a settings or data error
 print as its one message instead of a traceback (:mod:`nnunetv2_samssl.errors`).
 """
 from nnunetv2_samssl.errors import install_excepthook
+from nnunetv2_samssl.training.nnUNetTrainerCPACSAM import nnUNetTrainerCPACSAM
 from nnunetv2_samssl.training.nnUNetTrainerLabeledSubset import nnUNetTrainerLabeledSubset
 from nnunetv2_samssl.training.nnUNetTrainerMeanTeacher import nnUNetTrainerMeanTeacher
 from nnunetv2_samssl.training.nnUNetTrainerSemiSAM import nnUNetTrainerSemiSAM
@@ -11,4 +12,5 @@ from nnunetv2_samssl.training.nnUNetTrainerSFR import nnUNetTrainerSFR
 
 install_excepthook()
 
-__all__ = ["nnUNetTrainerLabeledSubset", "nnUNetTrainerMeanTeacher", "nnUNetTrainerSemiSAM", "nnUNetTrainerSFR"]
+__all__ = ["nnUNetTrainerLabeledSubset", "nnUNetTrainerMeanTeacher", "nnUNetTrainerSemiSAM", "nnUNetTrainerSFR",
+           "nnUNetTrainerCPACSAM"]

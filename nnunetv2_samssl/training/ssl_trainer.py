@@ -152,11 +152,15 @@ class nnUNetTrainerSSLBase(LabeledSubsetMixin, nnUNetTrainer):
                 f"nnUNet_raw/{self.plans_manager.dataset_name}/{UNLABELED_RAW_FOLDER}/ and run "
                 f"nnUNetv2_samssl_preprocess_unlabeled -d {self.plans_manager.dataset_name} -c "
                 f"{self.configuration_name}, or use labeled-subset mode (setting num_labeled or labeled_cases).")
-        hidden = demoted if any(s.wants_hidden_labels() for s in self.sources) else ()
+        hidden = demoted if self.wants_hidden_labels() else ()
         dataset = UnlabeledDataset(sources, hidden_label_cases=hidden)
         for source in self.sources:
             source.attach(dataset, demoted)
         return dataset
+
+    def wants_hidden_labels(self) -> bool:
+        """Whether the hidden labels of labeled-subset cases are loaded, for logged diagnostics only."""
+        return any(s.wants_hidden_labels() for s in self.sources)
 
     def _unlabeled_folder(self) -> str:
         return unlabeled_preprocessed_folder(self.preprocessed_dataset_folder_base,
@@ -283,11 +287,16 @@ class nnUNetTrainerSSLBase(LabeledSubsetMixin, nnUNetTrainer):
             masks.append(torch.cat((labeled, labeled.new_ones((num_unlabeled, *labeled.shape[1:])))))
         return masks
 
-    def train_step(self, batch: dict) -> dict:
+    def labeled_on_device(self, batch: dict) -> Tuple[torch.Tensor, Union[torch.Tensor, List[torch.Tensor]]]:
+        """The labeled batch's images and targets (one per deep-supervision scale) on the training device."""
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
+        return data, target
+
+    def train_step(self, batch: dict) -> dict:
+        data, target = self.labeled_on_device(batch)
         unlabeled = self.next_unlabeled_batch()
         b_l = data.shape[0]
         # with learn_unannotated the teacher and the online sources see the labeled patches as well, restricted

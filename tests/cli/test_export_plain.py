@@ -117,6 +117,50 @@ def test_student_predicting_model_exports_the_student(nnunet_env, tmp_path):
     assert _equal(exported["network_weights"], source["samssl"]["parts"]["student"]["weights"])
 
 
+def test_two_branch_model_exports_one_branch_on_request(nnunet_env, tmp_path, monkeypatch):
+    """CPAC-SAM predicts with the mean of two decoders: the export refuses without --part, and --part branch_a /
+    branch_b give the plain network of that branch, whose output equals the branch's output in the dual network."""
+    import trainer_helpers
+    from nnunetv2_samssl.training.nnUNetTrainerCPACSAM import nnUNetTrainerCPACSAM
+
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    monkeypatch.setattr("nnunetv2_samssl.sam.registry.build_promptable_model", lambda *a, **k: _tiny())
+    trainer = trainer_helpers.make_trainer(nnUNetTrainerCPACSAM, nnunet_env, sam_backend="sam_med3d",
+                                           sam_random_init=True)
+    trainer.initialize()
+    os.makedirs(trainer.output_folder, exist_ok=True)
+    trainer.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_final.pth"))
+    for f in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
+        shutil.copy(os.path.join(nnunet_env.dataset_pp, f if f != "plans.json" else "nnUNetPlans.json"),
+                    os.path.join(trainer.output_folder_base, f))
+    trainer_name, out = "nnUNetTrainerCPACSAM", str(tmp_path / "export")
+    with pytest.raises(ExportError, match="two decoders .* --part branch_a or --part branch_b"):
+        export_plain(DATASET_ID, CONFIG, trainer_name, out, verbose=False)
+    dual = trainer.network
+    dual.eval()
+    dual.decoder.deep_supervision = False
+    x = torch.randn(1, 1, *trainer.configuration_manager.patch_size)
+    with torch.no_grad():
+        outputs = dict(zip(("branch_a", "branch_b"), dual(x, branches=True)))
+    for branch, expected in outputs.items():
+        folder = export_plain(DATASET_ID, CONFIG, trainer_name, str(tmp_path / branch), part=branch, verbose=False)
+        weights = torch.load(os.path.join(folder, "fold_0", "checkpoint_final.pth"), weights_only=False)
+        plain = nnUNetTrainer.build_network_architecture(
+            trainer.plans_manager, trainer.configuration_manager, 1, trainer.label_manager.num_segmentation_heads,
+            enable_deep_supervision=False)
+        plain.load_state_dict(weights["network_weights"])
+        plain.eval()
+        with torch.no_grad():
+            assert torch.allclose(plain(x), expected, atol=1e-5)
+
+
+def _tiny():
+    from nnunetv2_samssl.sam.sam_med3d.promptable import SAMMed3DPromptable
+    torch.manual_seed(0)
+    return SAMMed3DPromptable.from_checkpoint(None, config="tiny", random_init=True)
+
+
 def test_one_line_errors(nnunet_env, tmp_path, capsys):
     out = str(tmp_path / "export")
     with pytest.raises(ExportError, match=f"No trained model: .*{TRAINER}__{IDENTIFIER} does not exist"):

@@ -143,6 +143,30 @@ def test_mask_mode_single_decoder_pass_with_prediction_as_mask_prompt():
     assert dice(out.hard_label[0] == 1, OBJECT) > 0.95
 
 
+# ---------------------------------------------------------------------------------------------------- grid mode
+def test_grid_mode_one_pass_with_positive_grid_on_object_and_negative_on_background():
+    model = FakeSam(SPACE_3D, radius=4.0)  # each point speaks for its neighbourhood only
+    labeler = SamPseudoLabeler(model, mode="grid", grid_density=4.0, grid_max_points=None)
+    images, probs = scene()
+    out = labeler(images, probs, patch_spacing=SPACING, generator=torch.Generator().manual_seed(0))
+    assert len(model.calls) == 1 and out.stats["num_decoder_calls"] == 1
+    call = model.calls[0]
+    points, labels = call["points"][0], call["labels"][0]
+    assert call["mask"] is None  # a zero mask prompt only for models trained with one (SAM-Med3D)
+    positive, negative = points[labels == 1], points[labels == 0]
+    assert len(positive) > 1 and len(negative) > 1 and out.stats["points_per_query"] == points.shape[0]
+    # positives sit on the predicted object, negatives off it (model-space window of the object's query)
+    size = SPACE_3D.size
+    assert all(0 <= float(c) < s for p in points[labels >= 0] for c, s in zip(p, size))
+    spacing = torch.tensor(sorted(set(float(d) for d in positive[:, 0])))
+    assert len(spacing) > 1 and float((spacing[1:] - spacing[:-1]).min()) >= 1.0  # a grid, not a cluster
+    assert dice(out.hard_label[0] == 1, OBJECT) > 0.9
+    capped = SamPseudoLabeler(FakeSam(SPACE_3D), mode="grid", grid_density=4.0, grid_max_points=2)
+    capped(images, probs, patch_spacing=SPACING, generator=torch.Generator().manual_seed(0))
+    labels_capped = capped.model.calls[0]["labels"][0]
+    assert int((labels_capped == 1).sum()) == 2 and int((labels_capped == 0).sum()) == 2
+
+
 # ---------------------------------------------------------------------------------------------------- unc mode
 def test_unc_mode_uncertainty_map():
     images, _ = scene()

@@ -1,0 +1,1 @@
+"""Network architectures built on nnU-Net's (see :mod:`.dual_decoder`)."""
