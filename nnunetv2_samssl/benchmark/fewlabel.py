@@ -343,11 +343,28 @@ def run_state(spec: RunSpec) -> str:
     return "new"
 
 
-def train_command(spec: RunSpec, device: str, state: str) -> List[str]:
-    exe = shutil.which("nnUNetv2_train", path=os.path.dirname(sys.executable) + os.pathsep
-                       + os.environ.get("PATH", ""))
+# trainers that need a command run per fold before nnUNetv2_train (same environment; it resumes or skips when done)
+STAGE_COMMANDS = {"nnUNetTrainerSFR": "nnUNetv2_samssl_sfr_finetune"}
+
+
+def _console_script(name: str) -> str:
+    exe = shutil.which(name, path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     if exe is None:
-        raise ProtocolError("nnUNetv2_train is not on PATH (install nnunetv2 in this environment).")
+        raise ProtocolError(f"{name} is not on PATH (install nnunetv2 and this package in this environment).")
+    return exe
+
+
+def stage_command(spec: RunSpec, device: str) -> Optional[List[str]]:
+    """The command a trainer needs before ``nnUNetv2_train`` (SFR's stage 1 fine-tuning), or ``None``."""
+    name = STAGE_COMMANDS.get(spec.trainer)
+    if name is None:
+        return None
+    return [_console_script(name), "-d", spec.dataset, "-c", spec.configuration, "-f", str(spec.fold), "-tr",
+            spec.trainer, "-p", spec.plans_identifier, "-device", device]
+
+
+def train_command(spec: RunSpec, device: str, state: str) -> List[str]:
+    exe = _console_script("nnUNetv2_train")
     cmd = [exe, spec.dataset, spec.configuration, str(spec.fold), "-tr", spec.trainer, "-p", spec.plans_identifier,
            "-device", device]
     if state == "trained":
@@ -378,6 +395,18 @@ def _write_record(spec: RunSpec, record: Dict[str, Any]) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _logged_run(cmd: List[str], spec: RunSpec, base_env: Mapping[str, str], log_path: str):
+    """Runs ``cmd`` in the run's environment, appending its output to the run's log; ``(process, seconds)``."""
+    t0 = time.perf_counter()
+    with open(log_path, "a") as f:
+        f.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n"
+                f"===== {OVERRIDES_ENV}={spec.overrides}\n")
+        f.flush()
+        proc = subprocess.run(cmd, env=spec.environment(base_env), stdout=f, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL)
+    return proc, time.perf_counter() - t0
+
+
 def execute_run(spec: RunSpec, device: str, base_env: Mapping[str, str],
                 log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Trains / resumes / validates one run in an ``nnUNetv2_train`` subprocess, or reuses it when finished.
@@ -401,17 +430,20 @@ def execute_run(spec: RunSpec, device: str, base_env: Mapping[str, str],
         return record
     cmd = train_command(spec, device, state)
     action = {"new": "training", "interrupted": "resuming (--c)", "trained": "validating (--val)"}[state]
-    log(f"{spec.name}: {action} ...")
     _write_record(spec, record)
     log_path = os.path.join(spec.results_dir, TRAIN_LOG)
-    t0 = time.perf_counter()
-    with open(log_path, "a") as f:
-        f.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n"
-                f"===== {OVERRIDES_ENV}={spec.overrides}\n")
-        f.flush()
-        proc = subprocess.run(cmd, env=spec.environment(base_env), stdout=f, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL)
-    seconds = time.perf_counter() - t0
+    stage = stage_command(spec, device) if state != "trained" else None
+    if stage is not None:
+        log(f"{spec.name}: {os.path.basename(stage[0])} ...")
+        proc, seconds = _logged_run(stage, spec, base_env, log_path)
+        record["attempts"].append({"state": "stage", "command": stage, "returncode": proc.returncode,
+                                   "seconds": seconds})
+        _write_record(spec, record)
+        if proc.returncode != 0:
+            raise ProtocolError(f"{spec.name}: {os.path.basename(stage[0])} exited with code {proc.returncode}; "
+                                f"see {log_path}")
+    log(f"{spec.name}: {action} ...")
+    proc, seconds = _logged_run(cmd, spec, base_env, log_path)
     record["attempts"].append({"state": state, "command": cmd, "returncode": proc.returncode, "seconds": seconds})
     _write_record(spec, record)
     if proc.returncode != 0 or run_state(spec) != "finished":

@@ -836,7 +836,10 @@ class ClassPromptedSegmenter(PromptFreeSegmenter):
         with torch.autocast(device_type=coords.device.type, enabled=False):
             encoding = prompt_encoder.pe_layer.forward_with_coords(coords, prompt_encoder.input_image_size)
         padding = (labels == -1).unsqueeze(-1)
-        tokens = encoding + self.class_point_embed[labels.clamp_min(0)].to(encoding.dtype)
+        # a one-hot product rather than an index: its backward is a matmul, deterministic on every device (an
+        # index's backward accumulates in parallel, in no fixed order)
+        one_hot = F.one_hot(labels.clamp_min(0), self.num_classes).to(encoding.dtype)
+        tokens = encoding + one_hot @ self.class_point_embed.to(encoding.dtype)
         tokens = torch.where(padding, prompt_encoder.not_a_point_embed.weight.to(encoding.dtype), tokens)
         return tokens, ~padding[..., 0]
 

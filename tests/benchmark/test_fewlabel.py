@@ -3,6 +3,7 @@ import ast
 import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -128,6 +129,34 @@ def test_run_state_picks_the_resume_mode(nnunet_env, tmp_path):
     env = spec.environment({"nnUNet_samssl_config": "x.yaml", "nnUNet_samssl_overrides": "a=1", "PATH": "/bin"})
     assert env["nnUNet_results"] == spec.results_dir and env["nnUNet_samssl_overrides"] == spec.overrides
     assert "nnUNet_samssl_config" not in env and env["PATH"] == "/bin"
+
+
+def test_sfr_runs_its_stage_1_before_training_in_the_runs_environment(nnunet_env, tmp_path, monkeypatch):
+    """nnUNetTrainerSFR needs nnUNetv2_samssl_sfr_finetune first: the protocol runs it with the run's own results
+    folder and overrides, then nnUNetv2_train; a failing stage 1 stops the run with its name."""
+    import subprocess
+
+    spec = fewlabel.plan_runs(_settings(tmp_path, labeled_counts=[1], trainers=["nnUNetTrainerSFR"]))[1]
+    assert spec.trainer == "nnUNetTrainerSFR" and fewlabel.stage_command(dataclasses.replace(spec, trainer=MT),
+                                                                         "cpu") is None
+    calls = []
+
+    def fake_run(cmd, env, **kw):
+        calls.append((os.path.basename(cmd[0]), env["nnUNet_results"], env["nnUNet_samssl_overrides"]))
+        if cmd[0].endswith("nnUNetv2_train"):
+            os.makedirs(os.path.dirname(spec.summary_file), exist_ok=True)
+            open(os.path.join(spec.output_folder, "checkpoint_final.pth"), "w").close()
+            open(spec.summary_file, "w").close()
+        return subprocess.CompletedProcess(cmd, 0 if len(calls) < 3 else 1)
+
+    monkeypatch.setattr(fewlabel.subprocess, "run", fake_run)
+    record = fewlabel.execute_run(spec, "cpu", dict(os.environ), log=lambda m: None)
+    assert [c[0] for c in calls] == ["nnUNetv2_samssl_sfr_finetune", "nnUNetv2_train"]
+    assert all(c[1] == spec.results_dir and c[2] == spec.overrides for c in calls)
+    assert [a["state"] for a in record["attempts"]] == ["stage", "new"]
+    shutil.rmtree(spec.results_dir)
+    with pytest.raises(fewlabel.ProtocolError, match="nnUNetv2_samssl_sfr_finetune exited with code 1"):
+        fewlabel.execute_run(spec, "cpu", dict(os.environ), log=lambda m: None)
 
 
 def test_case_lists_survive_the_override_syntax():

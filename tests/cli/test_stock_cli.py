@@ -32,11 +32,11 @@ def _kill_and_resume(env_paths, configuration, settings, tmp_path):
     train = ["nnUNetv2_train", str(DATASET_ID), configuration, "0", "-tr", TRAINER, "-device", "cpu"]
     log = train_until_killed(train, _env(env_paths, nnUNet_samssl_overrides=settings), fold,
                              tmp_path / f"{configuration}.log")
-    assert "Epoch 2" not in log and not os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
+    assert not os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
     # resume with a bare --c: the fold's saved settings are used, every part restored
     out = _run(train + ["--c"], _env(env_paths))
     assert re.search(r"Loaded .*checkpoint_(latest|best)\.pth \(epoch 1\)", out), out[-3000:]
-    assert "Epoch 0\n" not in out and "Epoch 2" in out
+    assert not re.search(r"Epoch 0\s*$", out, re.M) and re.search(r"Epoch 1\s*$", out, re.M), out[-3000:]
     assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
     return fold, train, out
 
@@ -98,7 +98,7 @@ def test_2d_with_the_real_litemedsam(nnunet_env, tmp_path):
                _env(nnunet_env, nnUNet_samssl_overrides=settings))
     assert re.search(r"sam_loss [0-9.]+", out), out[-3000:]  # (2d prediction: CPAC-SAM's below)
 
-    settings = ("num_epochs=3 num_iterations_per_epoch=2 num_val_iterations_per_epoch=1 num_labeled=2 "
+    settings = ("num_epochs=2 num_iterations_per_epoch=2 num_val_iterations_per_epoch=1 num_labeled=2 "
                 "cpac_warmup=0.3 sam_backend=litemedsam unlabeled_batch_size=2 cpac_max_crops=1")
     _, _, out = _kill_and_resume(nnunet_env, "2d", settings, tmp_path)
     assert re.search(r"cpac_cross_loss [0-9.]+", out), out[-3000:]

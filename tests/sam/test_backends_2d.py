@@ -400,7 +400,8 @@ def test_registry_sam_med3d_is_imported_lazily(monkeypatch):
     monkeypatch.setitem(sys.modules, "nnunetv2_samssl.sam.sam_med3d.promptable", module)
     assert build_promptable_model("sam_med3d_turbo", "/w/turbo.pth", device="cpu") == "sam-med3d-model"
     build_promptable_model("sam_med3d", "/w/orig.pth", device="cuda", allow_pickle=True)
-    assert calls == [("/w/turbo.pth", "vit_b_ori", "cpu", False), ("/w/orig.pth", "vit_b_ori", "cuda", True)]
+    # weights files load as the named configuration they fit (the released vit_b_ori for the official files)
+    assert calls == [("/w/turbo.pth", "auto", "cpu", False), ("/w/orig.pth", "auto", "cuda", True)]
 
 
 # ------------------------------------------------------------------------------------------------

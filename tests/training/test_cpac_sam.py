@@ -40,7 +40,9 @@ def test_labels_of_unlabeled_cases_never_used(nnunet_env):
     trainer_b, _ = _train(nnunet_env)
     b, sam_b = student_state(trainer_b), sam_state(trainer_b)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert all(torch.equal(sam_a[k], sam_b[k]) for k in sam_a)
+    differ = {k: float((sam_a[k].float() - sam_b[k].float()).abs().max()) for k in sam_a
+              if not torch.equal(sam_a[k], sam_b[k])}
+    assert not differ, differ
     _corrupt_labels(nnunet_env, trainer.labeled_cases[:1])
     trainer_c, _ = _train(nnunet_env)
     c = student_state(trainer_c)
@@ -136,3 +138,19 @@ def test_checkpoint_holds_the_trained_state_and_predicts_with_both_branches(nnun
     with torch.no_grad():
         a_out, b_out = network(x, branches=True)
         assert torch.allclose(network(x), 0.5 * (a_out + b_out)) and not torch.allclose(a_out, b_out)
+
+
+def test_network_feature_prototypes_one_per_branch(nnunet_env):
+    """cpac_feature_source: network keeps one prototype set per branch, on the feature map each decoder feeds its
+    segmentation layer, and the reliable region of each branch's prompts comes from its own prototypes."""
+    trainer, outs = _train(nnunet_env, n=2, cpac_feature_source="network")
+    prototypes = trainer.cpac.prototypes
+    assert set(prototypes) == {"a", "b"}
+    width = trainer.network.decoder.stages[-1].output_channels if hasattr(trainer.network.decoder.stages[-1],
+                                                                          "output_channels") else None
+    for name in ("a", "b"):
+        assert prototypes[name].seen.any() and prototypes[name].prototypes.shape[0] == 3
+        if width is not None:
+            assert prototypes[name].prototypes.shape[1] == width
+    assert not torch.equal(prototypes["a"].prototypes, prototypes["b"].prototypes)
+    assert 0.0 < float(outs[-1]["cpac_reliable_fraction_a"]) <= 1.0
