@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nnunetv2_samssl.pseudo_labels.base import NetworkOutputs
+from nnunetv2_samssl.training.nnUNetTrainerCPACSAM import nnUNetTrainerCPACSAM
 from nnunetv2_samssl.training.nnUNetTrainerLabeledSubset import nnUNetTrainerLabeledSubset
 from nnunetv2_samssl.training.nnUNetTrainerMeanTeacher import nnUNetTrainerMeanTeacher
 from nnunetv2_samssl.training.nnUNetTrainerSemiSAM import nnUNetTrainerSemiSAM
@@ -15,11 +16,14 @@ from trainer_helpers import SAM, make_trainer, run_iterations, seed_everything, 
 TRAINERS = [(nnUNetTrainerLabeledSubset, {}), (nnUNetTrainerMeanTeacher, {}),
             (nnUNetTrainerSemiSAM, dict(SAM, sam_max_crops=2)),
             (nnUNetTrainerSemiSAM, dict(SAM, learn_unannotated=True, sam_max_crops=2)),
-            (nnUNetTrainerMeanTeacher, dict(learn_unannotated=True))]
+            (nnUNetTrainerMeanTeacher, dict(learn_unannotated=True)),
+            (nnUNetTrainerCPACSAM, dict(sam_backend="sam_med3d", sam_random_init=True, cpac_warmup=0.0,
+                                        learn_unannotated=True))]
 
 
 @pytest.mark.parametrize("trainer_class, settings", TRAINERS,
-                         ids=["LabeledSubset", "MeanTeacher", "SemiSAM", "SemiSAM_unannotated", "MT_unannotated"])
+                         ids=["LabeledSubset", "MeanTeacher", "SemiSAM", "SemiSAM_unannotated", "MT_unannotated",
+                              "CPACSAM_unannotated"])
 def test_every_trainer_trains_on_sparse_annotation(sparse_env, trainer_class, settings):
     seed_everything(0)
     trainer = make_trainer(trainer_class, sparse_env, num_labeled=3, **settings)
@@ -36,8 +40,19 @@ def test_every_trainer_trains_on_sparse_annotation(sparse_env, trainer_class, se
             seen.append((student.shape[1], out.probabilities.shape[1], images.shape[0]))
             return out
         trainer.sam_source.labeler = spy
+    if isinstance(trainer, nnUNetTrainerCPACSAM):  # class-labelled points: real classes only, labeled ones too
+        embed = trainer.cpac.segmenter.embed_points
+
+        def spy_points(points, labels):
+            seen.append(("points", int(labels.max()), points.shape[0]))
+            return embed(points, labels)
+        trainer.cpac.segmenter.embed_points = spy_points
     outs = run_iterations(trainer, 2)
     assert all(np.isfinite(float(o["loss"])) for o in outs)
+    if isinstance(trainer, nnUNetTrainerCPACSAM):
+        assert seen and all(top < IGNORE for _, top, _ in seen)
+        assert np.isfinite(float(outs[-1]["cpac_cross_loss"]))
+        return
     if seen:  # SAM is prompted and answers in the real classes only; with learn_unannotated it sees labeled too
         assert all(k_in == IGNORE and k_out == IGNORE for k_in, k_out, _ in seen)
         batch = trainer.configuration_manager.batch_size
