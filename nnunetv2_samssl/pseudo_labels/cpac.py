@@ -215,11 +215,12 @@ class CrossPrompting(nn.Module):
         with torch.no_grad():
             inside = crops.inside_patch()
             prompt_sets, reliable = [], []
+            # one prototype set on the shared image embedding, or one per branch on its own decoder features
+            shared = self.prototype_classes(crops, embeddings, "sam", None) if self.feature_source == "sam" else None
             for name, probs in (("b", probs_b), ("a", probs_a)):  # B's prompts make A's target and vice versa
                 predicted = crops.patch_to_model(probs.detach().float()).argmax(1)
-                source = "sam" if self.feature_source == "sam" else name
-                feats = None if features is None else features[0 if name == "a" else 1]
-                nearest = self.prototype_classes(crops, embeddings, source, feats)
+                nearest = shared if self.feature_source == "sam" else self.prototype_classes(
+                    crops, embeddings, name, features[0 if name == "a" else 1])
                 region = inside if nearest is None else reliable_region(nearest, predicted, inside)
                 reliable.append(float(region.float().sum() / inside.float().sum().clamp_min(1.0)))
                 prompt_sets += self.prompts(class_masks(predicted, self.num_classes, region), generator)

@@ -59,7 +59,7 @@ def test_train_kill_resume_predict_find_best(nnunet_env, tmp_path):
     torch.manual_seed(0)
     weights = str(tmp_path / "tiny_sam_med3d.pth")
     torch.save(build_sam_med3d("tiny").state_dict(), weights)
-    settings = (f"num_epochs=3 num_iterations_per_epoch=3 num_val_iterations_per_epoch=1 cpac_warmup=0.2 "
+    settings = (f"num_epochs=2 num_iterations_per_epoch=3 num_val_iterations_per_epoch=1 cpac_warmup=0.2 "
                 f"cpac_cross_weight=0.3 sam_backend=sam_med3d sam_checkpoint={weights}")
     fold, train, out = _kill_and_resume(nnunet_env, "3d_fullres", settings, tmp_path)
     assert re.search(r"cpac_cross_loss [0-9.]+", out), out[-3000:]
