@@ -30,8 +30,9 @@ and fold. For each trainer:
    in which the branch did not run, counts as 0);
    A trainer that does its SAM work outside the step at intervals (``nnUNetTrainerSemiSAM`` with
    ``sam_pseudo_labels: cached``) exposes ``timed_periodic_work() -> (seconds, iterations served)``:
-   it runs once BEFORE the timed steps (so they are timed as training runs them, with pseudo-labels in
-   place and their loss computed), its cost per iteration (``periodic_ms_per_iteration``) is reported,
+   it runs BEFORE the timed steps (so they are timed as training runs them, with pseudo-labels in
+   place and their loss computed) and reports a refresh as nearly all refreshes of a training run (with reused
+   image embeddings: the second one; the first, which also encodes, is in the log), its cost per iteration (``periodic_ms_per_iteration``) is reported,
    ``ratio_incl_periodic`` adds it to the mean step, and the SAM share becomes
    ``periodic / (mean step + periodic)``;
 5. **peak memory**: on GPU ``torch.cuda.max_memory_allocated`` over warm-up + timed steps, with the peak

@@ -289,6 +289,16 @@ class SamSourceSettings(SettingsGroup):
     sam_cache_refresh_epochs: int = _user(types=(int,), doc="cached mode: pseudo-labels are (re)made at the start of "
                                           "epochs k, 2k, 3k, ...; the first k epochs train without the SAM loss.",
                                           minimum=1)
+    sam_cache_windows: str = _user(types=(str,), doc="cached mode: where SAM's windows go on a whole case. whole: "
+                                   "whole slices (2D backends, LiteMedSAM's own longest-side resize) or tiles of the "
+                                   "whole case (SAM-Med3D), wherever something is predicted; they do not depend on "
+                                   "the prediction, so the image embeddings are made once and reused by every later "
+                                   "refresh (sam_embedding_cache_mib). roi: on the predicted object plus "
+                                   "sam_roi_margin, as online mode does (each refresh encodes again).",
+                                   choices=("whole", "roi"))
+    sam_embedding_cache_mib: int = _user(types=(int,), doc="cached mode with sam_cache_windows: whole: host memory "
+                                         "(MiB, per GPU process) for the image embeddings kept between refreshes; "
+                                         "windows beyond it are encoded at every refresh. 0 keeps none.", minimum=0)
     sam_diagnostics: Any = _user(types=(bool, str), doc="Log the Dice of SAM pseudo-labels and of the prompting "
                                  "prediction against the hidden labels of labeled-subset cases (logged only, never "
                                  "used in a loss): auto (in labeled-subset mode), true or false.",

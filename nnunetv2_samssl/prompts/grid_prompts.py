@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -323,7 +324,13 @@ class ClassPrototypes(nn.Module):
                 raise ValueError(f"valid {tuple(valid.shape)} must be (N, *grid) like the weights")
             w = w * valid.bool().flatten(1).unsqueeze(1).float()
         total = w.sum((0, 2))
-        batch = torch.einsum("ncv,nkv->kc", f, w) / total.clamp_min(1e-12).unsqueeze(1)
+        sums = torch.einsum("ncv,nkv->kc", f, w)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # DDP: every rank folds in the global batch, so the prototypes stay identical across ranks (and a
+            # checkpoint written by rank 0 resumes every rank to the same state)
+            dist.all_reduce(sums)
+            dist.all_reduce(total)
+        batch = sums / total.clamp_min(1e-12).unsqueeze(1)
         total, batch = total.to(self.seen.device), batch.to(self.prototypes.device)
         present = total > 0
         blended = self.momentum * self.prototypes + (1.0 - self.momentum) * batch

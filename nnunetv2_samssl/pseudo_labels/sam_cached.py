@@ -10,6 +10,7 @@ before a refresh still carry the previous generation.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -22,6 +23,8 @@ from nnunetv2_samssl.config.settings import PseudoLabelLossSettings
 from nnunetv2_samssl.data.pseudo_label_cache import PseudoLabelCache, generation_name
 from nnunetv2_samssl.pseudo_labels.base import NetworkOutputs, PseudoTargets, SourceContext, StepInfo, UnlabeledBatch
 from nnunetv2_samssl.pseudo_labels.sam_online import SamSource, sam_weight
+from nnunetv2_samssl.sam.branch import StageTimes
+from nnunetv2_samssl.sam.embedding_cache import EmbeddingCache
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -39,15 +42,26 @@ class CachedSamSource(SamSource):
         diagnostics: score whole-case pseudo-labels of labeled-subset cases against their hidden labels at each
             refresh (logged only).
         needs_teacher: the prompts need the teacher's whole-case map too.
+        windows: ``whole`` (SAM's windows on whole slices / tiles of the whole case, embeddings reused between
+            refreshes) or ``roi`` (on the predicted object, as online mode); see ``SamPseudoLabeler``.
+        embedding_cache_mib: host memory for the reused embeddings (``whole`` only; 0: none kept).
     """
 
     uses_loader_maps = True
 
     def __init__(self, labeler, loss_settings: PseudoLabelLossSettings, context: SourceContext, refresh_epochs: int,
-                 diagnostics: bool = False, needs_teacher: bool = False, seed: int = 12345):
+                 diagnostics: bool = False, needs_teacher: bool = False, seed: int = 12345, windows: str = "whole",
+                 embedding_cache_mib: int = 4096):
         super().__init__(labeler, loss_settings, context, diagnostics, seed)
         self.refresh_epochs = refresh_epochs
         self.needs_teacher = needs_teacher
+        self.windows = windows
+        # the frozen model's embeddings of the same windows of the same images never change
+        self.embeddings = EmbeddingCache(embedding_cache_mib) if windows == "whole" and embedding_cache_mib > 0 \
+            else None
+        self.stage_times: Optional[StageTimes] = None  # while a refresh runs
+        self.first_refresh_s: Optional[float] = None  # speed benchmarks: the refresh that also encoded
+        self.stage_seconds: Dict[str, float] = {}  # of the last refresh
         self.cache = PseudoLabelCache(os.path.join(context.output_folder, "sam_pseudo_labels"),
                                       context.space.unknown_label)
         self.dataset = None
@@ -89,7 +103,13 @@ class CachedSamSource(SamSource):
         self._resume_generation = state.get("generation")
 
     def timed_periodic_work(self) -> Tuple[float, int]:
-        return self.refresh(self.refresh_epochs), self.refresh_epochs
+        """Speed benchmarks: seconds of a refresh as nearly every refresh of a training runs it, and the epochs
+        it serves. With reused embeddings that is the second refresh (the first also encodes the images: its
+        seconds are kept in ``first_refresh_s`` and logged)."""
+        seconds = self.first_refresh_s = self.refresh(self.refresh_epochs)
+        if self.embeddings is not None:
+            seconds = self.refresh(2 * self.refresh_epochs)
+        return seconds, self.refresh_epochs
 
     # ------------------------------------------------------------------ refresh
     @torch.no_grad()
@@ -108,11 +128,18 @@ class CachedSamSource(SamSource):
         sam_dice: List[float] = []
         prompt_dice: List[float] = []
         covered: List[float] = []
+        stages = self.stage_times = StageTimes()
+        if self.labeler is not None:
+            self.labeler.stage_times = stages
+        if self.embeddings is not None:
+            self.embeddings.reset_counts()
         for case in self.dataset.identifiers[ctx.rank::ctx.world_size]:
-            image = torch.from_numpy(np.asarray(self.dataset.load_image(case)[:], dtype=np.float32))
-            labels, valid, prompting = self.label_case(image)
-            stored = torch.where(valid, labels, torch.full_like(labels, unknown))
-            self.cache.write_case(name, case, stored.cpu().numpy(), ctx.patch_size)
+            with stages("load", ctx.device):
+                image = torch.from_numpy(np.asarray(self.dataset.load_image(case)[:], dtype=np.float32))
+            labels, valid, prompting = self.label_case(image, case)
+            with stages("write", ctx.device):
+                stored = torch.where(valid, labels, torch.full_like(labels, unknown))
+                self.cache.write_case(name, case, stored.cpu().numpy(), ctx.patch_size)
             covered.append(float(valid.float().mean()))
             if self.diagnostics and case in self.demoted:  # logged only: nothing here reaches a loss or a prompt
                 reference = torch.from_numpy(np.asarray(self.dataset.load_hidden_label(case)[:])[0].astype(np.int64))
@@ -130,32 +157,55 @@ class CachedSamSource(SamSource):
         self.generation = name
         self._stale = False
         seconds = time.perf_counter() - start
+        self.stage_times = None
+        if self.labeler is not None:
+            self.labeler.stage_times = None
+        self.stage_seconds = dict(stages.seconds)
         self._stats = {"sam_pseudo_dice": _nanmean(sam_dice), "prompt_dice": _nanmean(prompt_dice)}
         ctx.log(f"SAM pseudo-labels {name}: {len(covered)} unlabeled cases in {seconds:.1f} s, covered fraction "
                 f"{_nanmean(covered):.3f}" + (f", Dice vs hidden labels (logged only): SAM "
                                               f"{self._stats['sam_pseudo_dice']:.4f}, prompting prediction "
                                               f"{self._stats['prompt_dice']:.4f}" if sam_dice else ""))
+        ctx.log(f"  rank {ctx.rank} stages: {stages.describe()}" + self._describe_embeddings())
         return seconds
 
-    def label_case(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    def _describe_embeddings(self) -> str:
+        cache = self.embeddings
+        if cache is None:
+            return ""
+        text = f"; embeddings: {cache.hits} reused, {cache.misses} encoded, {cache.bytes / 2 ** 20:.0f} MiB kept"
+        if cache.refused:
+            text += (f" ({cache.refused} did not fit sam_embedding_cache_mib={cache.budget_bytes // 2 ** 20} and are "
+                     f"encoded at every refresh)")
+        return text
+
+    def label_case(self, image: torch.Tensor, case: Optional[str] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Pseudo-label map, validity and the prompting prediction's label map (``None`` when nothing prompted
         it), each ``(*shape)``, of a whole preprocessed case ``(C, *shape)``: the student's (and teacher's)
-        sliding-window prediction prompts SAM."""
+        sliding-window prediction prompts SAM. ``case`` names the image for the embedding cache."""
         ctx = self.context
-        student = ctx.predict_case("student", image)
-        teacher = ctx.predict_case("teacher", image) if self.needs_teacher else None
-        labels, valid = self._label_whole_case(image, student, teacher)
+        with self._stage("predict"):
+            student = ctx.predict_case("student", image)
+            teacher = ctx.predict_case("teacher", image) if self.needs_teacher else None
+        labels, valid = self._label_whole_case(image, student, teacher, case)
         return labels, valid, ctx.space.to_label_map(student[None])[0]
 
-    def _label_whole_case(self, image: torch.Tensor, student: torch.Tensor,
-                          teacher: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _stage(self, name: str):
+        times = self.stage_times
+        return times(name, self.context.device) if times is not None else contextlib.nullcontext()
+
+    def _label_whole_case(self, image: torch.Tensor, student: torch.Tensor, teacher: Optional[torch.Tensor],
+                          case: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """SAM label map and validity ``(*shape)`` of a whole case ``(C, *shape)`` from the probability maps
         ``(channels, *shape)``; region pseudo-labels are stored as the label map nnU-Net paints from them
         (``regions_class_order``). A 2D configuration labels the case's slices (its patch axes) as one batch."""
         slices = self.context.patch_ndim == 2
         as_batch = (lambda t: t.movedim(1, 0)) if slices else (lambda t: t[None])
+        cache = self.embeddings if case is not None else None
         pseudo = self.label(as_batch(image.to(self.context.device)), as_batch(student),
-                            None if teacher is None else as_batch(teacher))
+                            None if teacher is None else as_batch(teacher), windows=self.windows,
+                            embedding_cache=cache, case_key=case)
         labels = self.context.space.to_label_map(pseudo.probabilities)
         if slices:
             return labels, pseudo.valid

@@ -121,10 +121,11 @@ class SamSource(PseudoLabelSource):
     def regions(self) -> bool:
         return self.context.space.has_regions
 
-    def label(self, images: torch.Tensor, student: torch.Tensor, teacher: Optional[torch.Tensor]):
-        """The SAM branch on ``images`` prompted by the probabilities of the student (and teacher)."""
+    def label(self, images: torch.Tensor, student: torch.Tensor, teacher: Optional[torch.Tensor], **where):
+        """The SAM branch on ``images`` prompted by the probabilities of the student (and teacher); ``where``:
+        the labeler's ``windows``, ``embedding_cache`` and ``case_key``."""
         return self.labeler(images, student, teacher, patch_spacing=self.context.patch_spacing,
-                            generator=self.generator, regions=self.regions)
+                            generator=self.generator, regions=self.regions, **where)
 
     def dice_diagnostics(self, reference: Optional[torch.Tensor], pseudo_label: torch.Tensor,
                          prompting: torch.Tensor) -> dict:

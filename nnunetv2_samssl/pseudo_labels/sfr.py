@@ -163,7 +163,8 @@ class CachedSfrSource(CachedSamSource):
         loss = PseudoLabelLossSettings(sam_loss="dice_ce", sam_loss_scales="all" if all_scales else "full_res",
                                        sam_target="hard", sam_loss_normalization="valid", sam_weight=weight,
                                        sam_weight_schedule="constant", sam_rampdown=1.0)
-        super().__init__(None, loss, context, refresh_epochs=0, diagnostics=diagnostics)
+        super().__init__(None, loss, context, refresh_epochs=0, diagnostics=diagnostics, windows="roi",
+                         embedding_cache_mib=0)
         self.stitched = stitched
         self.total_epochs = total_epochs
 
@@ -171,7 +172,7 @@ class CachedSfrSource(CachedSamSource):
         if self._stale or self.generation is None:
             self.refresh(epoch)
 
-    def label_case(self, image: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    def label_case(self, image: Tensor, case: Optional[str] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         self.stitched.segmenter.eval()
         probs = self.stitched.label_case(image.to(self.context.device))
         labels = probs.argmax(0)

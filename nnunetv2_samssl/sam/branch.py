@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -50,12 +51,39 @@ from nnunetv2_samssl.config.settings import PROMPT_MODES, SamLabelerSettings
 from nnunetv2_samssl.prompts.grid_prompts import adaptive_grid_points
 from nnunetv2_samssl.prompts.semisam_points import next_click, semisam_points
 from nnunetv2_samssl.prompts.uncertainty import prompt_uncertainty
+from nnunetv2_samssl.sam.embedding_cache import EmbeddingCache, window_keys
 from nnunetv2_samssl.sam.interface import PromptableModel
 from nnunetv2_samssl.sam.space import ModelBatch, SamSpaceMapper, bounding_boxes, downsample_to_scales
 
 Tensor = torch.Tensor
 
-__all__ = ["SamPseudoLabel", "SamPseudoLabeler", "combine_class_probabilities", "PROMPT_MODES"]
+__all__ = ["SamPseudoLabel", "SamPseudoLabeler", "StageTimes", "combine_class_probabilities", "PROMPT_MODES",
+           "WINDOWS"]
+
+WINDOWS = ("roi", "whole")
+
+
+class StageTimes:
+    """Seconds per stage, summed over calls; CUDA work is synchronised at each stage boundary (use it for
+    profiling and whole-case refreshes, not in the training step)."""
+
+    def __init__(self) -> None:
+        self.seconds: Dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, device: torch.device):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.seconds.items())
 
 
 @dataclass
@@ -70,8 +98,9 @@ class SamPseudoLabel:
         uncertainty: ``(B, *patch)`` SemiSAM+ ``unc`` map in ``[0, 0.25]`` (population variance over the
             student's and SAM's per-click probabilities, max over classes; 0 where invalid); ``None`` in the
             other modes.
-        stats: ``num_crops`` (encoder inputs), ``num_queries`` (decoder queries), ``num_decoder_calls``,
-            ``points_per_query``, ``valid_fraction``.
+        stats: ``num_crops`` (windows placed), ``num_encoded`` (windows some query uses: encoded, or found in an
+            embedding cache), ``num_queries`` (decoder queries), ``num_decoder_calls``, ``points_per_query``,
+            ``valid_fraction``.
         regions: the probabilities are ``(B, R, *patch)`` independent region probabilities.
     """
 
@@ -157,20 +186,27 @@ class SamPseudoLabeler:
         roi_margin = settings.resolved_roi_margin(model.input_space.spacing_mm is not None)
         self.mapper_settings = dict(roi_margin=roi_margin, tile_overlap=settings.tile_overlap,
                                     slice_axis=settings.slice_axis, max_zoom=settings.max_zoom)
-        self._mappers: Dict[Tuple[float, ...], SamSpaceMapper] = {}
+        self._mappers: Dict[Tuple, SamSpaceMapper] = {}
         self._decoder_calls = 0
+        self.stage_times: Optional[StageTimes] = None  # set to time the stages of the next calls
 
     @classmethod
     def from_settings(cls, model: PromptableModel, settings: SamLabelerSettings) -> "SamPseudoLabeler":
         return cls(model, settings)
 
     # ------------------------------------------------------------------ helpers
-    def mapper(self, patch_spacing: Sequence[float]) -> SamSpaceMapper:
-        """The (cached) mapper for patches of this spacing."""
-        key = tuple(float(s) for s in patch_spacing)
+    def mapper(self, patch_spacing: Sequence[float], whole: bool = False) -> SamSpaceMapper:
+        """The (cached) mapper for patches of this spacing; ``whole``: windows placed on whole slices / the whole
+        case, without a margin (see ``windows`` in :meth:`__call__`)."""
+        spacing = tuple(float(s) for s in patch_spacing)
+        key = (spacing, whole)
         if key not in self._mappers:
-            self._mappers[key] = SamSpaceMapper(self.model.input_space, key, **self.mapper_settings)
+            settings = dict(self.mapper_settings, roi_margin=0.0) if whole else self.mapper_settings
+            self._mappers[key] = SamSpaceMapper(self.model.input_space, spacing, **settings)
         return self._mappers[key]
+
+    def _stage(self, name: str, device: torch.device):
+        return self.stage_times(name, device) if self.stage_times is not None else contextlib.nullcontext()
 
     def _autocast(self, device: torch.device):
         if self.settings.autocast_bf16 and device.type == "cuda":
@@ -205,14 +241,15 @@ class SamPseudoLabeler:
         b, patch = source.shape[0], source.shape[2:]
         valid = torch.zeros((b, *patch), dtype=torch.bool, device=source.device)
         uncertainty = torch.zeros((b, *patch), device=source.device) if self.mode == "unc" else None
-        stats = dict(num_crops=float(crops), num_queries=0.0, num_decoder_calls=0.0, points_per_query=0.0,
-                     valid_fraction=0.0)
+        stats = dict(num_crops=float(crops), num_encoded=0.0, num_queries=0.0, num_decoder_calls=0.0,
+                     points_per_query=0.0, valid_fraction=0.0)
         return SamPseudoLabel(source.clone(), valid, uncertainty, stats, regions)
 
     # ------------------------------------------------------------------ main entry
     def __call__(self, images: Tensor, student_probs: Tensor, teacher_probs: Optional[Tensor] = None, *,
                  patch_spacing: Sequence[float], generator: Optional[torch.Generator] = None,
-                 regions: bool = False) -> SamPseudoLabel:
+                 regions: bool = False, windows: str = "roi", embedding_cache: Optional[EmbeddingCache] = None,
+                 case_key: Optional[str] = None) -> SamPseudoLabel:
         """SAM pseudo-labels for a batch of unlabeled patches.
 
         Args:
@@ -222,9 +259,20 @@ class SamPseudoLabeler:
             patch_spacing: voxel spacing (mm) of the patch, tensor axis order (the nnU-Net configuration's).
             generator: makes prompt sampling deterministic.
             regions: the probabilities are ``(B, R, *patch)`` independent sigmoid regions (R >= 1), not a softmax.
+            windows: ``roi``: each window is placed on the predicted object plus ``roi_margin`` (the papers);
+                ``whole``: on the whole slice (2D models, as LiteMedSAM's and SAM's own longest-side resize) or
+                tiles of the whole patch (fixed-spacing models), wherever something is predicted; such windows do
+                not depend on the prediction, so their embeddings can be reused (``embedding_cache``).
+            embedding_cache: encoder outputs kept between calls on the same images (with ``case_key``).
+            case_key: names the images (the case) in ``embedding_cache``.
         Returns:
             :class:`SamPseudoLabel`. No label is read anywhere on this path.
         """
+        if windows not in WINDOWS:
+            raise ValueError(f"windows must be one of {WINDOWS}, got {windows!r}")
+        if embedding_cache is not None and (case_key is None or windows != "whole"):
+            raise ValueError("embedding_cache needs windows='whole' and a case_key: other windows follow the "
+                             "prediction, so their embeddings cannot be reused")
         if images.dim() not in (4, 5):
             raise ValueError(f"images must be (B, C, *patch) with a 2D or 3D patch, got {tuple(images.shape)}")
         if student_probs.dim() != images.dim() or student_probs.shape[0] != images.shape[0] \
@@ -238,11 +286,13 @@ class SamPseudoLabeler:
         if self.settings.prompt_source != "student" and teacher_probs is None:
             raise ValueError(f"prompt_source={self.settings.prompt_source!r} needs teacher_probs")
         with torch.no_grad():
-            return self._pseudo_label(images, student_probs, teacher_probs, patch_spacing, generator, regions)
+            return self._pseudo_label(images, student_probs, teacher_probs, patch_spacing, generator, regions,
+                                      windows, embedding_cache, case_key)
 
     def _pseudo_label(self, images: Tensor, student_probs: Tensor, teacher_probs: Optional[Tensor],
                       patch_spacing: Sequence[float], generator: Optional[torch.Generator],
-                      regions: bool = False) -> SamPseudoLabel:
+                      regions: bool = False, windows: str = "roi", embedding_cache: Optional[EmbeddingCache] = None,
+                      case_key: Optional[str] = None) -> SamPseudoLabel:
         self.model.eval()
         self._decoder_calls = 0
         student = student_probs.detach().float()
@@ -260,15 +310,83 @@ class SamPseudoLabeler:
             classes = torch.arange(1, num_objects + 1, device=source.device).view(1, -1, *([1] * ndim))
             foreground = source.argmax(1, keepdim=True) == classes  # (B, K-1, *patch)
 
+        device = source.device
+        with self._stage("map", device):
+            plan = self._plan_queries(images, source, foreground, uncertainty, patch_spacing, generator, regions,
+                                      windows == "whole")
+        if isinstance(plan, int):  # no query: the number of crops
+            return self._empty(source, plan, regions)
+        crops, queries, crop_of_query, fg_model, inside, unc_model = plan
+        mapper = self.mapper(patch_spacing, whole=windows == "whole")
+
+        # the encoder runs on the crops some query uses (or finds them in the cache)
+        used, of_query = crop_of_query.unique(return_inverse=True)
+        with self._stage("encode", device):
+            if embedding_cache is not None:
+                keys = window_keys(case_key, crops.sample_index[used],
+                                   None if crops.slice_index is None else crops.slice_index[used],
+                                   crops.offset[used], crops.scale[used])
+                encoded = embedding_cache.embeddings(keys, lambda index: crops.images[used[index.to(device)]],
+                                                     self._encode, device)
+            else:
+                encoded = self._encode(crops.images[used])
+        embeddings = encoded[of_query]
+        points_per_query = 0
+        variance = None
+        with self._stage("decode", device):
+            if self.mode == "mask":
+                low_res = self._mask_prompt_pass(embeddings, queries, source if regions else source[:, 1:], fg_model,
+                                                 unc_model)
+            elif self.mode == "grid":
+                low_res, points_per_query = self._grid_pass(embeddings, fg_model, unc_model, inside, generator)
+            else:
+                student_model = queries.patch_to_model(student if regions else student[:, 1:],
+                                                       select_channel=True)[:, 0] if self.mode == "unc" else None
+                low_res, variance, points_per_query = self._click_loop(embeddings, fg_model, unc_model, inside,
+                                                                       student_model, generator)
+
+        with self._stage("to_patch", device):
+            return self._to_patch(mapper, low_res, variance, queries, source, crops.num_queries, used.numel(),
+                                  points_per_query, regions)
+
+    def _to_patch(self, mapper: SamSpaceMapper, low_res: Tensor, variance: Optional[Tensor], queries: ModelBatch,
+                  source: Tensor, num_crops: int, num_encoded: int, points_per_query: int,
+                  regions: bool) -> SamPseudoLabel:
+        fg_probs, covered = mapper.to_patch(low_res, queries, activation="sigmoid")  # (B, K-1 or R, *patch)
+        valid = covered.any(1)
+        probabilities = fg_probs if regions else combine_class_probabilities(fg_probs)
+        probabilities = torch.where(valid.unsqueeze(1), probabilities, source)
+        unc_map = None
+        if variance is not None:
+            per_class, _ = mapper.to_patch(variance.unsqueeze(1), queries)
+            unc_map = per_class.amax(1) * valid
+        stats = dict(num_crops=float(num_crops), num_encoded=float(num_encoded),
+                     num_queries=float(queries.num_queries), num_decoder_calls=float(self._decoder_calls),
+                     points_per_query=float(points_per_query),
+                     valid_fraction=float(valid.float().mean()))
+        return SamPseudoLabel(probabilities, valid, unc_map, stats, regions)
+
+    def _plan_queries(self, images: Tensor, source: Tensor, foreground: Tensor, uncertainty: Tensor,
+                      patch_spacing: Sequence[float], generator: Optional[torch.Generator], regions: bool,
+                      whole: bool):
+        """Crops (model-space windows), the decoder queries on them (one per crop and object present), and each
+        query's predicted object, in-patch mask and uncertainty on the model grid; or the number of crops when no
+        query remains."""
+        ndim = source.dim() - 2
+        num_objects = foreground.shape[1]
         # crops: one per sample (union of the classes) or per sample and class; tiles / slices as needed
-        mapper = self.mapper(patch_spacing)
+        mapper = self.mapper(patch_spacing, whole=whole)
         roi = foreground.any(1, keepdim=True) if self.settings.roi == "union" else foreground
+        if whole:  # the whole slice (slice-wise) or patch wherever something is predicted
+            sliced = ndim == self.model.input_space.ndim + 1
+            spatial = [2 + a for a in range(ndim) if not (sliced and a == self.settings.slice_axis)]
+            roi = roi.any(dim=tuple(spatial), keepdim=True).expand_as(roi)
         crops = mapper.to_model(images.detach().float(), roi, keep_empty=False)
         if crops.num_queries == 0:
-            return self._empty(source, 0, regions)
+            return 0
         if self.settings.max_crops is not None and crops.num_queries > self.settings.max_crops:
-            device = generator.device if generator is not None else source.device
-            subset = torch.randperm(crops.num_queries, generator=generator, device=device)[:self.settings.max_crops]
+            draw_on = generator.device if generator is not None else source.device
+            subset = torch.randperm(crops.num_queries, generator=generator, device=draw_on)[:self.settings.max_crops]
             crops = crops.select(subset.sort().values.to(source.device))
         if self.settings.roi == "union":
             present = foreground.flatten(2).any(2)  # (B, K-1)
@@ -296,35 +414,9 @@ class SamPseudoLabeler:
             queries, crop_of_query = queries.select(kept, with_images=False), crop_of_query[kept]
             fg_model, inside = fg_model[kept], inside[kept]
         if queries.num_queries == 0:
-            return self._empty(source, crops.num_queries, regions)
+            return crops.num_queries
         unc_model = queries.patch_to_model(uncertainty.unsqueeze(1), pad_value=1.0)[:, 0]
-
-        embeddings = self._encode(crops.images)[crop_of_query]
-        points_per_query = 0
-        variance = None
-        if self.mode == "mask":
-            low_res = self._mask_prompt_pass(embeddings, queries, source if regions else source[:, 1:], fg_model,
-                                             unc_model)
-        elif self.mode == "grid":
-            low_res, points_per_query = self._grid_pass(embeddings, fg_model, unc_model, inside, generator)
-        else:
-            student_model = queries.patch_to_model(student if regions else student[:, 1:], select_channel=True)[:, 0] \
-                if self.mode == "unc" else None
-            low_res, variance, points_per_query = self._click_loop(embeddings, fg_model, unc_model, inside,
-                                                                   student_model, generator)
-
-        fg_probs, covered = mapper.to_patch(low_res, queries, activation="sigmoid")  # (B, K-1 or R, *patch)
-        valid = covered.any(1)
-        probabilities = fg_probs if regions else combine_class_probabilities(fg_probs)
-        probabilities = torch.where(valid.unsqueeze(1), probabilities, source)
-        unc_map = None
-        if variance is not None:
-            per_class, _ = mapper.to_patch(variance.unsqueeze(1), queries)
-            unc_map = per_class.amax(1) * valid
-        stats = dict(num_crops=float(crops.num_queries), num_queries=float(queries.num_queries),
-                     num_decoder_calls=float(self._decoder_calls), points_per_query=float(points_per_query),
-                     valid_fraction=float(valid.float().mean()))
-        return SamPseudoLabel(probabilities, valid, unc_map, stats, regions)
+        return crops, queries, crop_of_query, fg_model, inside, unc_model
 
     # ------------------------------------------------------------------ prompt modes
     def _mask_prompt_pass(self, embeddings: Tensor, queries: ModelBatch, objects: Tensor, fg_model: Tensor,

@@ -33,7 +33,9 @@ class nnUNetTrainerSemiSAM(nnUNetTrainerMeanTeacher):
         diagnostics = s.sam_source.sam_diagnostics in ("auto", True)
         if s.sam_source.sam_pseudo_labels == "cached":
             source = CachedSamSource(labeler, s.sam_loss, context, s.sam_source.sam_cache_refresh_epochs,
-                                     diagnostics=diagnostics, needs_teacher=needs_teacher(s.sam_labeler))
+                                     diagnostics=diagnostics, needs_teacher=needs_teacher(s.sam_labeler),
+                                     windows=s.sam_source.sam_cache_windows,
+                                     embedding_cache_mib=s.sam_source.sam_embedding_cache_mib)
         else:
             source = OnlineSamSource(labeler, s.sam_loss, context, every=s.sam_source.sam_every,
                                      diagnostics=diagnostics)

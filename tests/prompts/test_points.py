@@ -74,6 +74,12 @@ def test_dilation_and_depth_match_scipy():
     ref = np.stack([ndimage.distance_transform_cdt(m, metric="chessboard")[1:-1, 1:-1, 1:-1] for m in padded])
     assert np.array_equal(ours.numpy(), np.minimum(ref, 4).astype(np.float32))
     assert np.array_equal(erode(mask).numpy(), ref >= 2)
+    # 2D, and axes of length 1 and 2 (every voxel is on the border there)
+    for shape in [(3, 17, 11), (2, 1, 9, 9), (2, 2, 9, 9)]:
+        mask = torch.from_numpy(rng.random(shape) > 0.2)
+        cube = np.ones((3,) * (len(shape) - 1), dtype=bool)
+        ref = np.stack([ndimage.binary_erosion(m, cube, border_value=0) for m in mask.numpy()])
+        assert np.array_equal(erode(mask).numpy(), ref)
 
 
 # ---------------------------------------------------------------------------------------------------- SemiSAM points

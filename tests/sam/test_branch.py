@@ -419,3 +419,80 @@ def test_entropy_gated_prompts_are_the_same_with_or_without_a_teacher_map():
     assert torch.equal(probs_with, probs_without)
     calls_max, _ = run("max", teacher)
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(calls_max, calls_without))
+
+
+# ---------------------------------------------------------------------------------------------------- whole windows
+def test_whole_windows_do_not_follow_the_prediction_and_reuse_embeddings():
+    """``windows='whole'``: each slice with something predicted gets a window on the whole slice, the same
+    whatever the prediction; a second call finds the embeddings in the cache and labels bit-for-bit as an
+    uncached call; ``roi`` windows follow the prediction."""
+    from nnunetv2_samssl.sam.embedding_cache import EmbeddingCache
+
+    shape = (6, 40, 48)
+    obj = ball(shape, (2.5, 20, 30), 8)
+    images = torch.zeros(1, 1, *shape)
+    images[0, 0][obj] = 1.0
+    small = two_class_probs(torch.where(obj & ball(shape, (2.5, 20, 30), 4), 0.95, 0.02)[None])
+    large = two_class_probs(torch.where(obj, 0.95, 0.02)[None])
+    spacing = (3.0, 1.0, 1.0)
+
+    def run(probs, windows, cache=None):
+        model = FakeSam(SPACE_2D, radius=100.0)
+        labeler = SamPseudoLabeler(model, mode="mask")
+        geometry = []
+        original = labeler._plan_queries
+
+        def plan(*args):
+            result = original(*args)
+            geometry.append(torch.cat([result[0].offset, result[0].scale], 1))
+            return result
+        labeler._plan_queries = plan
+        out = labeler(images, probs, patch_spacing=spacing, windows=windows, embedding_cache=cache,
+                      case_key=None if cache is None else "case_0")
+        return out, geometry[0], sum(model.encoded)
+
+    slices_small = int(small[0, 1].flatten(1).gt(0.5).any(1).sum())
+    roi_a, geometry_a, _ = run(small, "roi")
+    roi_b, geometry_b, _ = run(large, "roi")
+    assert geometry_a.shape == geometry_b.shape and not torch.allclose(geometry_a, geometry_b)
+    whole_a, geometry_a, encoded = run(small, "whole")
+    assert encoded == slices_small
+    assert torch.allclose(geometry_a, geometry_a[:1].expand_as(geometry_a))  # the same window on every slice
+    # the whole 40 x 48 slice at 1 mm fills the 64-pixel window along its longest side: 0.75 voxels per pixel
+    assert torch.allclose(geometry_a[0, 2:], torch.tensor([0.75, 0.75]))
+
+    cache = EmbeddingCache(budget_mib=64)
+    first, _, encoded_first = run(small, "whole", cache)
+    assert encoded_first == slices_small and cache.misses == slices_small and cache.hits == 0
+    again, _, encoded_again = run(large, "whole", cache)  # another prediction, the same windows
+    assert cache.hits == slices_small and encoded_again == cache.misses - slices_small
+    uncached, _, _ = run(large, "whole")
+    assert torch.equal(again.probabilities, uncached.probabilities) and torch.equal(again.valid, uncached.valid)
+    assert torch.equal(first.probabilities, whole_a.probabilities)
+    with pytest.raises(ValueError, match="windows='whole' and a case_key"):
+        SamPseudoLabeler(FakeSam(SPACE_2D))(images, small, patch_spacing=spacing, embedding_cache=cache,
+                                             case_key="case_0")
+
+
+def test_embedding_cache_keeps_exact_encoder_outputs_within_its_budget():
+    from nnunetv2_samssl.sam.embedding_cache import EmbeddingCache, window_keys
+
+    images = torch.randn(5, 2, 4, 4)
+    calls = []
+
+    def encode(x):
+        calls.append(x.shape[0])
+        return x * 3.0
+
+    keys = window_keys("a", torch.arange(5), None, torch.zeros(5, 2), torch.ones(5, 2))
+    assert len(set(keys)) == 5
+    cache = EmbeddingCache(budget_mib=3 * images[0].numel() * 4 / 2 ** 20)  # room for exactly 3 entries
+    out = cache.embeddings(keys, lambda index: images[index], encode, torch.device("cpu"))
+    assert torch.equal(out, images * 3.0) and calls == [5] and len(cache) == 3 and cache.refused == 2
+    out = cache.embeddings(keys[::-1], lambda index: images.flip(0)[index], encode, torch.device("cpu"))
+    assert torch.equal(out, images.flip(0) * 3.0) and calls == [5, 2] and cache.hits == 3
+    # keys of another case, or of a moved window, do not hit
+    other = window_keys("b", torch.arange(1), None, torch.zeros(1, 2), torch.ones(1, 2))
+    moved = window_keys("a", torch.arange(1), None, torch.full((1, 2), 0.01), torch.ones(1, 2))
+    assert other[0] not in keys and moved[0] not in keys
+    assert EmbeddingCache(0).budget_bytes == 0

@@ -79,6 +79,7 @@ def install(spec: dict, holder: dict) -> None:
     from nnunetv2_samssl.data.pseudo_label_cache import PseudoLabelCache
     from nnunetv2_samssl.training import nnunet_seam
     from nnunetv2_samssl.training.nnUNetTrainerLabeledSubset import nnUNetTrainerLabeledSubset
+    from nnunetv2_samssl.training.nnUNetTrainerCPACSAM import nnUNetTrainerCPACSAM
     from nnunetv2_samssl.training.nnUNetTrainerMeanTeacher import nnUNetTrainerMeanTeacher
     from nnunetv2_samssl.training.nnunet_seam import nnUNetSeam
     from nnunetv2_samssl.training.ssl_trainer import nnUNetTrainerSSLBase
@@ -153,13 +154,15 @@ def install(spec: dict, holder: dict) -> None:
                 "epoch": self.current_epoch, "student": state_sha(self.network),
                 "step": self.global_step - 1 if hasattr(self, "global_step") else len(RECORD["steps"]),
                 "teacher": state_sha(self.teacher.module) if hasattr(self, "teacher") else None,
+                "sam": state_sha(self.cpac) if hasattr(self, "cpac") else None,  # CPAC-SAM's trained SAM part
                 "optimizer": momentum_sha(self.optimizer), "labeled_batch": int(batch["data"].shape[0]),
-                **{k: float(out[k]) for k in ("sam_loss", "sam_valid_fraction") if k in out}})
+                **{k: float(out[k]) for k in ("sam_loss", "sam_valid_fraction", "cpac_cross_loss") if k in out}})
             return out
         return recording_train_step
 
     nnUNetTrainerSSLBase.train_step = recorded(nnUNetTrainerSSLBase.train_step)
     nnUNetTrainerLabeledSubset.train_step = recorded(nnUNetTrainer.train_step)  # nnU-Net's own step
+    nnUNetTrainerCPACSAM.train_step = recorded(nnUNetTrainerCPACSAM.train_step)  # its own step
 
     atomic_save = nnunet_seam.atomic_torch_save
 
@@ -232,6 +235,8 @@ def final_state(trainer) -> dict:
            "output_folder": trainer.output_folder}
     if hasattr(trainer, "teacher"):
         out["teacher"] = {k: v.detach().clone() for k, v in trainer.teacher.module.state_dict().items()}
+    if hasattr(trainer, "cpac"):
+        out["sam"] = {k: v.detach().clone() for k, v in trainer.cpac.compact_state_dict().items()}
     source = getattr(trainer, "sam_source", None)
     if source is not None and hasattr(source, "cache"):
         cache = source.cache

@@ -8,7 +8,9 @@
 4. cached SAM pseudo-labels are made in disjoint shares (each case by exactly one rank) and published once, and
    every rank then reads the whole generation;
 5. ``--c`` under DDP: a 2-rank run stopped after epoch 1 and resumed with 2 ranks ends exactly where an
-   uninterrupted 2-rank run ends (student, teacher, optimizer, epoch).
+   uninterrupted 2-rank run ends (student, teacher, optimizer, epoch);
+6. CPAC-SAM: both branches, its trained SAM part (not DDP-wrapped: gradients all-reduced by the trainer) and its
+   class prototypes (folded in from the global batch) stay identical across ranks.
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ MEAN_TEACHER = dict(SCHEDULE, num_labeled=2, unlabeled_batch_size=UNLABELED_BATC
 LABELED_SUBSET = dict(num_epochs=2, num_iterations_per_epoch=2, num_val_iterations_per_epoch=1, num_labeled=2)
 SEMISAM_CACHED = dict(SAM, num_epochs=2, num_iterations_per_epoch=2, num_val_iterations_per_epoch=1, num_labeled=2,
                       unlabeled_batch_size=2, sam_pseudo_labels="cached", sam_cache_refresh_epochs=1)
+CPAC = dict(sam_backend="sam_med3d", sam_random_init=True, cpac_warmup=0.0, num_epochs=2, num_iterations_per_epoch=2,
+            num_val_iterations_per_epoch=1, num_labeled=2, unlabeled_batch_size=2)
 
 pytestmark = pytest.mark.slow
 
@@ -142,7 +146,8 @@ def runs(tiny_dataset, tmp_path_factory) -> Dict[str, Run]:
     - ``mt_resumed``: ``mt_first`` resumed with a bare ``--c`` (the trainer rebuilt from its folder, as
       ``nnUNetv2_train ... --c`` does; the processes are reused only to save their start-up time);
     - ``semisam``: nnUNetTrainerSemiSAM with cached pseudo-labels (refreshed at the start of epoch 1), 2 epochs;
-    - ``subset``: nnUNetTrainerLabeledSubset (nnU-Net's own step on the labeled subset), 2 epochs.
+    - ``subset``: nnUNetTrainerLabeledSubset (nnU-Net's own step on the labeled subset), 2 epochs;
+    - ``cpac``: nnUNetTrainerCPACSAM with the cross terms from the first step, 2 epochs.
     """
     def env(name: str) -> NnunetEnv:
         root = str(tmp_path_factory.mktemp(name))
@@ -155,13 +160,15 @@ def runs(tiny_dataset, tmp_path_factory) -> Dict[str, Run]:
         return e
 
     mt, mt_resume, semisam, subset = env("ddp_mt"), env("ddp_mt_resume"), env("ddp_semisam"), env("ddp_subset")
+    cpac = env("ddp_cpac")
     work = os.path.join(str(tmp_path_factory.mktemp("ddp_ranks")), "ranks")
     start = time.perf_counter()
     out = launch([Phase("mt", "nnUNetTrainerMeanTeacher", mt, MEAN_TEACHER),
                   Phase("mt_first", "nnUNetTrainerMeanTeacher", mt_resume, MEAN_TEACHER, interrupt_after=1),
                   Phase("mt_resumed", "nnUNetTrainerMeanTeacher", mt_resume, None, continue_training=True),
                   Phase("semisam", "nnUNetTrainerSemiSAM", semisam, SEMISAM_CACHED),
-                  Phase("subset", "nnUNetTrainerLabeledSubset", subset, LABELED_SUBSET)], work)
+                  Phase("subset", "nnUNetTrainerLabeledSubset", subset, LABELED_SUBSET),
+                  Phase("cpac", "nnUNetTrainerCPACSAM", cpac, CPAC)], work)
     print(f"DDP runs: {time.perf_counter() - start:.1f} s")
     return out
 
@@ -262,6 +269,21 @@ def test_each_rank_draws_its_own_share_of_the_unlabeled_batch(runs):
 def test_students_and_ema_teachers_stay_identical_across_ranks(runs):
     for name, settings in (("mt", MEAN_TEACHER), ("semisam", SEMISAM_CACHED), ("subset", LABELED_SUBSET)):
         _check_models_in_sync(runs[name], settings["num_epochs"] * settings["num_iterations_per_epoch"])
+
+
+def test_cpac_sam_branches_sam_part_and_prototypes_stay_identical_across_ranks(runs):
+    run = runs["cpac"]
+    n_steps = CPAC["num_epochs"] * CPAC["num_iterations_per_epoch"]
+    _check_models_in_sync(run, n_steps)  # the dual network: both branches
+    steps = [r["steps"] for r in run.ranks]
+    for per_rank in zip(*steps):
+        assert len({s["sam"] for s in per_rank}) == 1, f"SAM parts differ across ranks after step {per_rank[0]['step']}"
+    assert len({s["sam"] for s in steps[0]}) == n_steps  # trained every step
+    assert all(s["cpac_cross_loss"] == s["cpac_cross_loss"] for s in steps[0])  # finite: cross terms from the start
+    finals = [r["final"]["sam"] for r in run.ranks]
+    assert any(k.startswith("prototypes.") for k in finals[0])
+    for name, value in finals[0].items():
+        assert torch.equal(value, finals[1][name]), name
 
 
 def test_only_rank_0_writes_checkpoints(runs):

@@ -111,6 +111,31 @@ def test_resume_reuses_the_generation_of_the_checkpoint_and_fresh_training_drops
     fresh.on_train_end()
 
 
+def test_later_refreshes_reuse_the_image_embeddings_and_label_as_without_them(nnunet_env):
+    """The default whole-case windows: the second refresh encodes nothing and writes exactly the maps of a
+    refresh that encodes everything again (same weights, same prompt draws)."""
+    seed_everything(3)
+    trainer = make_trainer(nnUNetTrainerSemiSAM, nnunet_env, **CACHED)
+    trainer.on_train_start()
+    source = trainer.sam_source
+    assert source.windows == "whole" and source.embeddings is not None
+    source.refresh(1)
+    encoded = source.embeddings.misses
+    assert encoded > 0 and source.embeddings.hits == 0 and source.stage_seconds["encode"] > 0
+    cache, maps = source.embeddings, {}
+    for epoch, embeddings in ((2, cache), (3, None)):
+        source.generator.manual_seed(7)
+        source.embeddings = embeddings
+        source.refresh(epoch)
+        maps[epoch] = _labels_on_disk(trainer)
+        if embeddings is not None:  # everything found again, nothing encoded
+            assert cache.hits == encoded and cache.misses == 0
+    assert sorted(maps[2]) == sorted(trainer.unlabeled_dataset.identifiers)
+    for case in maps[2]:
+        np.testing.assert_array_equal(maps[2][case], maps[3][case])
+    trainer.on_train_end()
+
+
 def test_periodic_work_is_reported_for_benchmarks(nnunet_env):
     seed_everything(0)
     trainer = make_trainer(nnUNetTrainerSemiSAM, nnunet_env, **CACHED)
