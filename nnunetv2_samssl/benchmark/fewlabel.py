@@ -141,6 +141,36 @@ class ProtocolSettings:
     trainer_overrides: Dict[str, str] = field(default_factory=dict)  # ... of one trainer's runs (after those)
     use_unlabeled_folder: bool = False
     hd95: bool = True
+    labeled_from: Sequence[str] = ()  # the labeled cases are drawn from these (e.g. one site's cases); () = all
+
+
+def read_case_pool(values: Sequence[str]) -> Tuple[str, ...]:
+    """``--labeled-from`` values: case ids, or one JSON file with a ``source`` list (the ``cohorts.json`` of a
+    shifted-cohort dataset, ``nnUNetv2_samssl_make_fewlabel_dataset --shifted``)."""
+    if len(values) == 1 and values[0].endswith(".json"):
+        path = values[0]
+        if not os.path.isfile(path):
+            raise ProtocolError(f"--labeled-from {path}: no such file (give case ids or a cohorts.json).")
+        with open(path) as f:
+            content = json.load(f)
+        if not isinstance(content, dict) or not isinstance(content.get("source"), list) or not content["source"]:
+            raise ProtocolError(f"--labeled-from {path}: expected a JSON object with a non-empty 'source' list of "
+                                f"case ids (the cohorts.json a shifted-cohort dataset has).")
+        return tuple(str(c) for c in content["source"])
+    return tuple(values)
+
+
+def labeled_pool(split: FoldSplit, labeled_from: Sequence[str], fold: int) -> Tuple[Tuple[str, ...], List[str]]:
+    """The fold's training cases the labeled subsets are drawn from, and the ``labeled_from`` cases the fold
+    validates on (they stay validation cases)."""
+    if not labeled_from:
+        return tuple(split.train), []
+    wanted = set(labeled_from)
+    unknown = sorted(wanted - set(split.train) - set(split.validation))
+    if unknown:
+        raise ProtocolError(f"--labeled-from lists {unknown[:5]}, which are not cases of fold {fold}'s split "
+                            f"(training or validation).")
+    return tuple(c for c in split.train if c in wanted), sorted(wanted & set(split.validation))
 
 
 def dataset_name(dataset: Union[str, int]) -> str:
@@ -278,12 +308,18 @@ def plan_runs(settings: ProtocolSettings) -> List[RunSpec]:
     schedule_tokens = [format_override(k, v) for k, v in schedule.items()]
     outdir = os.path.abspath(settings.outdir)
     runs = []
+    pool, _ = labeled_pool(split, settings.labeled_from, settings.fold)
     for n in counts:
         try:
-            labeled, rest = choose_labeled_subset(split.train, n, None, settings.seed)
+            labeled, _ = choose_labeled_subset(pool, n, None, settings.seed)
         except LabeledSubsetError as e:
+            if settings.labeled_from:
+                raise ProtocolError(f"--labeled {n}: only {len(pool)} of fold {settings.fold}'s training cases are "
+                                    f"in --labeled-from ({list(pool)}); ask for at most {len(pool)} labeled cases "
+                                    f"or give more cases.") from e
             raise ProtocolError(f"--labeled {n}: fold {settings.fold} has {len(split.train)} training cases. "
                                 f"{e}") from e
+        rest = [c for c in sorted(split.train) if c not in set(labeled)]
         if settings.trainers and not rest and any(k == "semi-supervised" for _, k in trainers) \
                 and not settings.use_unlabeled_folder:
             raise ProtocolError(f"--labeled {n} uses every training case of fold {settings.fold}: the "
@@ -655,6 +691,11 @@ def run_protocol(settings: ProtocolSettings, log: Callable[[str], None] = print,
     warning = label_derived_normalization(plans, settings.configuration)
     if warning:
         log(warning)
+    if settings.labeled_from:
+        split = fold_split(runs[0].dataset, settings.configuration, settings.fold, settings.plans_identifier)
+        pool, in_validation = labeled_pool(split, settings.labeled_from, settings.fold)
+        log(f"Labeled cases drawn from {len(pool)} --labeled-from cases of fold {settings.fold}'s training cases"
+            + (f"; {in_validation} are validation cases of this fold and stay so" if in_validation else "") + ".")
     outdir = os.path.abspath(settings.outdir)
     os.makedirs(outdir, exist_ok=True)
     with open(os.path.join(outdir, PLAN_FILE), "w") as f:
@@ -706,6 +747,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--set", nargs=2, action="append", default=[], metavar=("TRAINER", "OVERRIDES"),
                         help="extra settings of one semi-supervised trainer, after --overrides, e.g. --set "
                              "nnUNetTrainerSemiSAM 'sam_checkpoint=/path/sam_med3d_turbo.pth' (repeatable)")
+    parser.add_argument("--labeled-from", nargs="+", default=(), metavar="CASE",
+                        help="draw the labeled cases from these cases only (e.g. one site's), the fold's other "
+                             "training cases stay unlabeled; case ids, or the cohorts.json of a shifted-cohort "
+                             "dataset (its 'source' list)")
     parser.add_argument("--use-unlabeled-folder", action="store_true",
                         help="semi-supervised runs also use the preprocessed imagesUnlabeled cases")
     parser.add_argument("--no-hd95", action="store_true", help="skip the HD95 computation")
@@ -719,6 +764,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         trainer_overrides={t: " ".join(text for name, text in args.set if name == t) for t, _ in args.set},
         hd95=not args.no_hd95)
     try:
+        settings.labeled_from = read_case_pool(args.labeled_from) if args.labeled_from else ()
         if args.dry_run:
             runs = plan_runs(settings)
             check_plan(runs)

@@ -85,6 +85,34 @@ def test_plan_gives_every_trainer_the_same_labeled_cases_and_a_disjoint_validati
         fewlabel.check_plan([runs[0], broken])
 
 
+def test_labeled_cases_can_be_drawn_from_one_cohort(nnunet_env, tmp_path):
+    """--labeled-from: the labeled subsets come from the given cases (e.g. one site), every other training case
+    of the fold is unlabeled, the validation cases do not change; a cohorts.json gives the same plan."""
+    runs = fewlabel.plan_runs(_settings(tmp_path / "all"))
+    split = _split(nnunet_env)
+    train = sorted(split["train"])
+    source = train[1:3] + sorted(split["val"])[:1]  # one of them validates in this fold
+    cohorts = tmp_path / "cohorts.json"
+    cohorts.write_text(json.dumps({"source": source, "target": {}}))
+    assert fewlabel.read_case_pool([str(cohorts)]) == tuple(source)
+    for pool in (source, fewlabel.read_case_pool([str(cohorts)])):
+        shifted = fewlabel.plan_runs(_settings(tmp_path / "shifted", labeled_from=pool))
+        fewlabel.check_plan(shifted)
+        for r, plain in zip(shifted, runs):
+            assert set(r.labeled_cases) <= set(train[1:3]) and len(r.labeled_cases) == r.num_labeled
+            assert sorted(r.validation_cases) == sorted(plain.validation_cases)
+            others = sorted(set(train) - set(r.labeled_cases))
+            assert sorted(r.unlabeled_cases if r.trainer == MT else r.unused_cases) == others
+    assert set(shifted[0].labeled_cases) < set(shifted[2].labeled_cases)  # still nested
+    with pytest.raises(ProtocolError, match="--labeled 2: only 1 of fold 0's training cases are in --labeled-from"):
+        fewlabel.plan_runs(_settings(tmp_path / "x", labeled_from=train[:1]))
+    with pytest.raises(ProtocolError, match="not cases of fold 0"):
+        fewlabel.plan_runs(_settings(tmp_path / "x", labeled_from=["no_such_case"]))
+    with pytest.raises(ProtocolError, match="'source' list"):
+        (tmp_path / "bad.json").write_text("[]")
+        fewlabel.read_case_pool([str(tmp_path / "bad.json")])
+
+
 def test_plan_errors(nnunet_env, tmp_path):
     with pytest.raises(ProtocolError, match="--labeled 5: fold 0 has 4 training cases"):
         fewlabel.plan_runs(_settings(tmp_path, labeled_counts=[5]))
