@@ -57,6 +57,7 @@ RUN_RECORD = "run.json"
 TRAIN_LOG = "nnUNetv2_train.log"
 PLAN_FILE = "plan.json"
 RESULTS_CSV = "fewlabel_results.csv"
+TEST_FOLDER = "test_predictions"  # in each run's fold folder: the held-out test predictions and summary.json
 RESULTS_MD = "fewlabel_results.md"
 RESULTS_PNG = "fewlabel_dice.png"
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
@@ -142,6 +143,7 @@ class ProtocolSettings:
     use_unlabeled_folder: bool = False
     hd95: bool = True
     labeled_from: Sequence[str] = ()  # the labeled cases are drawn from these (e.g. one site's cases); () = all
+    test: bool = False  # also predict and score the raw dataset's held-out imagesTs / labelsTs cases
 
 
 def read_case_pool(values: Sequence[str]) -> Tuple[str, ...]:
@@ -491,6 +493,72 @@ def execute_run(spec: RunSpec, device: str, base_env: Mapping[str, str],
     return record
 
 
+@dataclass(frozen=True)
+class TestSet:
+    """The raw dataset's held-out labeled cases: ``imagesTs`` and ``labelsTs``."""
+
+    images: str
+    labels: str
+    cases: Tuple[str, ...]
+    file_ending: str
+
+
+def held_out_test_set(dataset: str) -> TestSet:
+    """``nnUNet_raw/<dataset>/imagesTs`` and ``labelsTs``; every labelled test case must have its images."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.paths import nnUNet_raw
+
+    folder = os.path.join(nnUNet_raw.require(), dataset)
+    images, labels = os.path.join(folder, "imagesTs"), os.path.join(folder, "labelsTs")
+    if not (os.path.isdir(images) and os.path.isdir(labels)):
+        raise ProtocolError(f"--test needs held-out labeled cases: {images} and {labels} (images named as in "
+                            f"imagesTr, labels as in labelsTr); this dataset has "
+                            f"{'no imagesTs' if not os.path.isdir(images) else 'no labelsTs'}.")
+    ending = load_json(os.path.join(folder, "dataset.json"))["file_ending"]
+    cases = tuple(sorted(f[:-len(ending)] for f in os.listdir(labels) if f.endswith(ending)))
+    if not cases:
+        raise ProtocolError(f"--test: {labels} holds no label file ending in {ending}.")
+    missing = [c for c in cases if not os.path.isfile(os.path.join(images, f"{c}_0000{ending}"))]
+    if missing:
+        raise ProtocolError(f"--test: {images} has no images of the labelled test cases {missing[:5]}.")
+    return TestSet(images, labels, cases, ending)
+
+
+def test_summary_file(spec: RunSpec) -> str:
+    return os.path.join(spec.output_folder, TEST_FOLDER, "summary.json")
+
+
+def predict_test_set(spec: RunSpec, test_set: TestSet, device: str, base_env: Mapping[str, str],
+                     log: Callable[[str], None] = print) -> None:
+    """Predicts the held-out test cases with the run's final checkpoint (``nnUNetv2_predict``) and scores them
+    against ``labelsTs`` with nnU-Net's evaluation; reused while newer than the checkpoint and complete."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder2
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    summary, checkpoint = test_summary_file(spec), os.path.join(spec.output_folder, "checkpoint_final.pth")
+    if os.path.isfile(summary) and os.path.getmtime(summary) >= os.path.getmtime(checkpoint):
+        scored = sorted(os.path.basename(c["reference_file"]) for c in load_json(summary)["metric_per_case"])
+        if scored == sorted(c + test_set.file_ending for c in test_set.cases):
+            log(f"{spec.name}: reusing its test-set predictions ({len(scored)} cases)")
+            return
+    out = os.path.dirname(summary)
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    cmd = [_console_script("nnUNetv2_predict"), "-i", test_set.images, "-o", out, "-d", spec.dataset, "-c",
+           spec.configuration, "-tr", spec.trainer, "-p", spec.plans_identifier, "-f", str(spec.fold),
+           "-device", device, "--disable_progress_bar"]
+    log(f"{spec.name}: predicting the {len(test_set.cases)} held-out test cases ...")
+    log_path = os.path.join(spec.results_dir, TRAIN_LOG)
+    proc, _ = _logged_run(cmd, spec, base_env, log_path)
+    if proc.returncode != 0:
+        raise ProtocolError(f"{spec.name}: nnUNetv2_predict exited with code {proc.returncode}; see {log_path}")
+    base = os.path.join(nnUNet_preprocessed.require(), spec.dataset)
+    compute_metrics_on_folder2(test_set.labels, out, os.path.join(base, "dataset.json"),
+                               os.path.join(base, spec.plans_identifier + ".json"), output_file=summary,
+                               num_processes=2)
+
+
 # ----------------------------------------------------------------------------------------------------
 # evaluation
 # ----------------------------------------------------------------------------------------------------
@@ -536,27 +604,31 @@ def _label_names(dataset_json: Mapping[str, Any]) -> Dict[str, str]:
     return out
 
 
-def evaluate_run(spec: RunSpec, compute_hd95: bool = True) -> Dict[str, Any]:
-    """Dice per class and mean from the run's ``validation/summary.json``; HD95 from its predictions.
+def evaluate_run(spec: RunSpec, compute_hd95: bool = True, test_set: Optional[TestSet] = None) -> Dict[str, Any]:
+    """Dice per class and mean from the run's ``validation/summary.json`` (with ``test_set``: from the summary of
+    its held-out test predictions); HD95 from the predictions.
 
-    Also checks that exactly the planned validation cases were evaluated.
+    Also checks that exactly the planned validation (or test) cases were evaluated.
     """
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.evaluation.evaluate_predictions import region_or_label_to_mask
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    summary = load_json(spec.summary_file)
+    summary = load_json(spec.summary_file if test_set is None else test_summary_file(spec))
     base = os.path.join(nnUNet_preprocessed.require(), spec.dataset)
     dataset_json = load_json(os.path.join(base, "dataset.json"))
     ending = dataset_json["file_ending"]
     cases = sorted(os.path.basename(c["prediction_file"])[:-len(ending)] for c in summary["metric_per_case"])
-    if cases != sorted(spec.validation_cases):
-        raise ProtocolError(f"{spec.name}: validation evaluated {cases}, planned {sorted(spec.validation_cases)}.")
+    planned = sorted(spec.validation_cases if test_set is None else test_set.cases)
+    if cases != planned:
+        raise ProtocolError(f"{spec.name}: {'validation' if test_set is None else 'the test set'} evaluated "
+                            f"{cases}, planned {planned}.")
     names = _label_names(dataset_json)
     keys = [k for k in summary["mean"]]
     result: Dict[str, Any] = {"dice": {names.get(k, k): summary["mean"][k]["Dice"] for k in keys},
-                              "dice_mean": summary["foreground_mean"]["Dice"], "validation_cases": cases}
+                              "dice_mean": summary["foreground_mean"]["Dice"], "cases": cases,
+                              "evaluated_on": "validation" if test_set is None else "test"}
     if compute_hd95:
         plans_manager = PlansManager(os.path.join(base, spec.plans_identifier + ".json"))
         reader = plans_manager.image_reader_writer_class()
@@ -599,7 +671,7 @@ def result_rows(runs: Sequence[RunSpec], evaluations: Sequence[Mapping[str, Any]
     header = ["trainer", "kind", "num_labeled", "num_unlabeled"] + [f"dice_{c}" for c in classes] + ["dice_mean"]
     if with_hd95:
         header += [f"hd95_{c}" for c in classes] + ["hd95_mean", "hd95_undefined"]
-    header += ["num_validation", "train_seconds"]
+    header += [f"num_{evaluations[0]['evaluated_on'] if evaluations else 'validation'}", "train_seconds"]
     rows = []
     for spec, ev, rec in zip(runs, evaluations, records):
         unlabeled = f"{len(spec.unlabeled_cases)}{'+folder' if spec.uses_unlabeled_folder else ''}"
@@ -607,7 +679,7 @@ def result_rows(runs: Sequence[RunSpec], evaluations: Sequence[Mapping[str, Any]
               [ev["dice_mean"]]
         if with_hd95:
             row += [ev["hd95"][c] for c in classes] + [ev["hd95_mean"], ev["hd95_undefined"]]
-        row += [len(ev["validation_cases"]), int(round(sum(a["seconds"] for a in rec.get("attempts", []))))]
+        row += [len(ev["cases"]), int(round(sum(a["seconds"] for a in rec.get("attempts", []))))]
         rows.append(row)
     return header, rows
 
@@ -625,11 +697,15 @@ def write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -
         writer.writerows([[_cell(v) for v in row] for row in rows])
 
 
-def write_markdown(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]], title: str) -> None:
+def write_markdown(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]], title: str,
+                   test: bool = False) -> None:
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-    lines += ["", "Dice: nnU-Net's validation of each run (`validation/summary.json`, mean over the fold's "
-              "validation cases); HD95 in mm (both directions' 95th percentile surface distance, max of the two)."]
+    source = ("nnU-Net's evaluation of each run's final checkpoint on the held-out test cases (`imagesTs` / "
+              "`labelsTs`, `test_predictions/summary.json`)" if test else
+              "nnU-Net's validation of each run (`validation/summary.json`, mean over the fold's validation cases)")
+    lines += ["", f"Dice: {source}; HD95 in mm (both directions' 95th percentile surface distance, max of the "
+              "two)."]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -701,18 +777,22 @@ def run_protocol(settings: ProtocolSettings, log: Callable[[str], None] = print,
     with open(os.path.join(outdir, PLAN_FILE), "w") as f:
         json.dump([asdict(r) for r in runs], f, indent=2)
     env = dict(os.environ if base_env is None else base_env)
+    test_set = held_out_test_set(runs[0].dataset) if settings.test else None  # checked before any training
     records, evaluations = [], []
     for i, spec in enumerate(runs):
         log(f"[{i + 1}/{len(runs)}] {spec.trainer}, {spec.num_labeled} labeled / {len(spec.unlabeled_cases)} "
             f"unlabeled, fold {spec.fold}")
         records.append(execute_run(spec, settings.device, env, log))
-        evaluations.append(evaluate_run(spec, settings.hd95))
+        if test_set is not None:
+            predict_test_set(spec, test_set, settings.device, env, log)
+        evaluations.append(evaluate_run(spec, settings.hd95, test_set))
     header, rows = result_rows(runs, evaluations, records)
-    title = f"Few-label protocol: {runs[0].dataset}, {settings.configuration}, fold {settings.fold}"
+    title = f"Few-label protocol: {runs[0].dataset}, {settings.configuration}, fold {settings.fold}" + \
+        (f", held-out test cases ({len(test_set.cases)})" if test_set is not None else "")
     files = {"csv": os.path.join(outdir, RESULTS_CSV), "markdown": os.path.join(outdir, RESULTS_MD),
              "png": os.path.join(outdir, RESULTS_PNG), "plan": os.path.join(outdir, PLAN_FILE)}
     write_csv(files["csv"], header, rows)
-    write_markdown(files["markdown"], header, rows, title)
+    write_markdown(files["markdown"], header, rows, title, test=test_set is not None)
     plot_dice(files["png"], runs, evaluations, title)
     return {"runs": runs, "evaluations": evaluations, "records": records, "header": header, "rows": rows,
             "files": files}
@@ -751,6 +831,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="draw the labeled cases from these cases only (e.g. one site's), the fold's other "
                              "training cases stay unlabeled; case ids, or the cohorts.json of a shifted-cohort "
                              "dataset (its 'source' list)")
+    parser.add_argument("--test", action="store_true",
+                        help="score each run's final checkpoint on the raw dataset's held-out imagesTs / labelsTs "
+                             "cases (nnUNetv2_predict + nnU-Net's evaluation) instead of the fold's validation "
+                             "cases")
     parser.add_argument("--use-unlabeled-folder", action="store_true",
                         help="semi-supervised runs also use the preprocessed imagesUnlabeled cases")
     parser.add_argument("--no-hd95", action="store_true", help="skip the HD95 computation")
@@ -762,7 +846,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         device=args.device, epochs=args.epochs, iters=args.iters, val_iters=args.val_iters, seed=args.seed,
         config=args.config, ssl_overrides=args.overrides, use_unlabeled_folder=args.use_unlabeled_folder,
         trainer_overrides={t: " ".join(text for name, text in args.set if name == t) for t, _ in args.set},
-        hd95=not args.no_hd95)
+        hd95=not args.no_hd95, test=args.test)
     try:
         settings.labeled_from = read_case_pool(args.labeled_from) if args.labeled_from else ()
         if args.dry_run:

@@ -39,12 +39,35 @@ convention for held-out labeled cases) are separate random draws from the same p
 
 Raw layout: ``imagesTr``/``labelsTr``, ``imagesTs``/``labelsTs``, ``dataset.json``, ``PROVENANCE.md``;
 no ``imagesUnlabeled`` (the few-label protocol hides the labels of a subset of ``imagesTr``).
+
+Shifted cohorts (``shifted=True``, ``--shifted --num-source K``): a domain-shift variant. The first ``K``
+training cases (``tr_000 .. tr_{K-1}``) come from one SOURCE site with a narrow acquisition, meant as the
+few labeled cases; every other training case (the unlabeled pool) and every test case comes from one of three
+TARGET sites, assigned round-robin (counted separately in ``imagesTr`` and ``imagesTs``, each starting with
+``site_contrast``). Ranges that differ from the defaults above (all others, and the geometric draws crop shift,
+rotation and elastic, keep the default ranges):
+
+- ``source``: gamma 0.95-1.05, blur 0-0.2 voxels, bias amplitude 0.05-0.1, noise 1-1.5 % of white matter,
+  scaling 0.97-1.03 per axis;
+- ``site_contrast``: gamma 1.8-2.4 and bias amplitude 0.3-0.5 (another T1 contrast with a strong coil bias);
+- ``site_lowres``: blur 1.0-1.4 voxels (thicker slices / lower resolution) and noise 5-8 %;
+- ``site_size``: anatomy size: per case one factor class, 0.80-0.88 (larger anatomy in the grid) or
+  1.12-1.20 (smaller), shared by the three axes with an independent value per axis; gamma 0.5-0.6.
+
+The builder then also writes ``cohorts.json`` (``source``, ``target`` per site, ``unlabeled_pool``, ``test``),
+adds ``"shifted": true, "num_source": K`` to ``generator`` in ``dataset.json`` and lists the site ranges in
+``PROVENANCE.md`` (whose case table has a ``site`` column in every build, ``default`` without the shift).
+Default builds are unchanged by this option (same random draws, byte-identical images and labels). The
+few-label protocol measures the shift with ``nnUNetv2_samssl_fewlabel ... --labeled-from <dataset>/cohorts.json
+--test``: labeled cases drawn from the source cases only, scored on the held-out target cases of
+``imagesTs``/``labelsTs`` (``examples/fewlabel/README.md``).
 """
 from __future__ import annotations
 
 import argparse
 import gzip
 import hashlib
+import json
 import os
 import subprocess
 from dataclasses import dataclass
@@ -71,6 +94,27 @@ HEMISPHERE_CENTERS_MM: Dict[str, Tuple[float, float, float]] = {"left": (-17.0, 
                                                                 "right": (17.0, -3.0, 7.0)}
 #: a case must contain at least this many voxels of every class
 MIN_CLASS_VOXELS = 200
+
+#: default ranges of the site-dependent draws; ``gamma`` is drawn log-uniformly, ``scales`` is a tuple of
+#: factor classes: one class is drawn per case (only when there are several), then one value per axis
+DEFAULT_RANGES: Dict[str, tuple] = {
+    "scales": ((0.88, 1.12),),
+    "gamma": (0.7, 1.4),
+    "blur_sigma_vox": (0.0, 0.6),
+    "bias_amplitude": (0.1, 0.3),
+    "noise_sigma": (0.01, 0.04),
+}
+#: the ranges each site changes (module docstring); crop shift, rotation and elastic never change
+SITE_RANGES: Dict[str, Dict[str, tuple]] = {
+    "default": {},
+    "source": {"gamma": (0.95, 1.05), "blur_sigma_vox": (0.0, 0.2), "bias_amplitude": (0.05, 0.1),
+               "noise_sigma": (0.01, 0.015), "scales": ((0.97, 1.03),)},
+    "site_contrast": {"gamma": (1.8, 2.4), "bias_amplitude": (0.3, 0.5)},
+    "site_lowres": {"blur_sigma_vox": (1.0, 1.4), "noise_sigma": (0.05, 0.08)},
+    "site_size": {"scales": ((0.80, 0.88), (1.12, 1.20)), "gamma": (0.5, 0.6)},
+}
+#: target sites of a shifted build, in round-robin order
+TARGET_SITES: Tuple[str, ...] = ("site_contrast", "site_lowres", "site_size")
 
 
 @dataclass
@@ -132,20 +176,50 @@ def load_source(source_dir: Path) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     return image, classes, image_nii.affine.astype(np.float64)
 
 
-def draw_case_parameters(rng: np.random.Generator, hemisphere: str) -> CaseParameters:
-    """Draw one case's transform and intensity parameters (ranges in the module docstring)."""
+def site_ranges(site: str) -> Dict[str, tuple]:
+    """The draw ranges of ``site`` (a key of :data:`SITE_RANGES`): :data:`DEFAULT_RANGES` with its changes."""
+    if site not in SITE_RANGES:
+        raise ValueError(f"unknown site {site!r}; known: {sorted(SITE_RANGES)}")
+    return {**DEFAULT_RANGES, **SITE_RANGES[site]}
+
+
+def draw_case_parameters(rng: np.random.Generator, hemisphere: str, site: str = "default") -> CaseParameters:
+    """Draw one case's transform and intensity parameters (ranges in the module docstring and
+    :data:`SITE_RANGES`). The ``default`` site draws exactly what this function always drew, in the same
+    order; only a site with several scale classes (``site_size``) draws one extra number, the class."""
+    ranges = site_ranges(site)
+    shift_mm = tuple(float(v) for v in rng.uniform(-6.0, 6.0, size=3))
+    rotation = random_rotation(rng, 12.0)
+    scale_classes = ranges["scales"]
+    scale_low, scale_high = scale_classes[int(rng.integers(len(scale_classes)))] if len(scale_classes) > 1 \
+        else scale_classes[0]
+    scales = tuple(float(v) for v in rng.uniform(scale_low, scale_high, size=3))
+    gamma_low, gamma_high = ranges["gamma"]
     return CaseParameters(
         hemisphere=hemisphere,
-        shift_mm=tuple(float(v) for v in rng.uniform(-6.0, 6.0, size=3)),
-        rotation=random_rotation(rng, 12.0),
-        scales=tuple(float(v) for v in rng.uniform(0.88, 1.12, size=3)),
+        shift_mm=shift_mm,
+        rotation=rotation,
+        scales=scales,
         elastic_sd_mm=float(rng.uniform(1.5, 3.0)),
-        gamma=float(np.exp(rng.uniform(np.log(0.7), np.log(1.4)))),
-        blur_sigma_vox=float(rng.uniform(0.0, 0.6)),
-        bias_amplitude=float(rng.uniform(0.1, 0.3)),
-        noise_sigma=float(rng.uniform(0.01, 0.04)),
+        gamma=float(np.exp(rng.uniform(np.log(gamma_low), np.log(gamma_high)))),
+        blur_sigma_vox=float(rng.uniform(*ranges["blur_sigma_vox"])),
+        bias_amplitude=float(rng.uniform(*ranges["bias_amplitude"])),
+        noise_sigma=float(rng.uniform(*ranges["noise_sigma"])),
         intensity_scale=float(rng.uniform(400.0, 1200.0)),
     )
+
+
+def case_site(prefix: str, index: int, num_source: Optional[int]) -> str:
+    """Site of case ``{prefix}_{index:03d}``: ``default`` when ``num_source`` is None (no shift); otherwise
+    ``source`` for the first ``num_source`` training cases and :data:`TARGET_SITES` round-robin for the other
+    training cases and for the test cases (counted separately per split)."""
+    if num_source is None:
+        return "default"
+    if prefix == "tr":
+        if index < num_source:
+            return "source"
+        index -= num_source
+    return TARGET_SITES[index % len(TARGET_SITES)]
 
 
 def _rotation_angle_deg(rotation: np.ndarray) -> float:
@@ -228,8 +302,33 @@ def _package_version() -> str:
     return "unknown"
 
 
+def _cohort_section(num_source: Optional[int]) -> List[str]:
+    """PROVENANCE.md lines describing the sites of a shifted build (none for a default build)."""
+    if num_source is None:
+        return []
+
+    def fmt(key: str, value: tuple) -> str:
+        return " or ".join(f"{lo}-{hi}" for lo, hi in value) if key == "scales" else f"{value[0]}-{value[1]}"
+
+    keys = list(DEFAULT_RANGES)
+    return [
+        "## Shifted cohorts",
+        f"The first {num_source} training cases are the labeled-to-be SOURCE site; the other training cases (the "
+        "unlabeled pool) and all test cases are TARGET cases, assigned round-robin (per split) to "
+        f"{', '.join(TARGET_SITES)}; `cohorts.json` lists them. Ranges per site (crop shift, rotation, elastic "
+        "and scanner scale keep the default ranges everywhere; scales: one factor class per case, one value per "
+        "axis):",
+        "",
+        "| site | " + " | ".join(keys) + " |",
+        "| --- " * (1 + len(keys)) + "|",
+        *(f"| {site} | " + " | ".join(fmt(k, site_ranges(site)[k]) for k in keys) + " |"
+          for site in ("default", "source", *TARGET_SITES)),
+        "",
+    ]
+
+
 def _provenance(folder: Path, source_dir: Path, rows: List[str], shape: Sequence[int], spacing_mm: float,
-                seed: int, class_table: List[str]) -> str:
+                seed: int, class_table: List[str], num_source: Optional[int] = None) -> str:
     image_path, labels_path = source_dir / SOURCE_IMAGE, source_dir / SOURCE_LABELS
     return "\n".join([
         f"# Provenance of {folder.name}",
@@ -266,10 +365,11 @@ def _provenance(folder: Path, source_dir: Path, rows: List[str], shape: Sequence
         "All cases come from one person: variation is synthetic (shape, pose, field of view, contrast, noise); "
         "the dataset does not measure cross-subject generalisation.",
         "",
+        *_cohort_section(num_source),
         "## Cases",
-        "| case | hemisphere | shift mm (R,A,S) | rotation angle deg | scales | elastic sd mm | gamma | blur vox | "
-        "bias a | noise | scale | " + " | ".join(f"{n} voxels" for n in ANATOMY_CLASSES) + " |",
-        "| --- " * (11 + len(ANATOMY_CLASSES)) + "|",
+        "| case | site | hemisphere | shift mm (R,A,S) | rotation angle deg | scales | elastic sd mm | gamma | "
+        "blur vox | bias a | noise | scale | " + " | ".join(f"{n} voxels" for n in ANATOMY_CLASSES) + " |",
+        "| --- " * (12 + len(ANATOMY_CLASSES)) + "|",
         *rows,
         "",
     ])
@@ -278,7 +378,7 @@ def _provenance(folder: Path, source_dir: Path, rows: List[str], shape: Sequence
 def make_fewlabel_dataset(nnunet_raw: str, dataset_id: int = 902, name: str = "SamsslBrainNuclei",
                           num_train: int = 14, num_test: int = 6, shape: Sequence[int] = (40, 48, 40),
                           spacing_mm: float = 1.5, seed: int = 0, source_dir: Optional[str] = None,
-                          overwrite: bool = False) -> str:
+                          overwrite: bool = False, shifted: bool = False, num_source: int = 4) -> str:
     """Write the real-anatomy few-label dataset (see the module docstring) as an nnU-Net v2 raw dataset.
 
     Args:
@@ -292,6 +392,10 @@ def make_fewlabel_dataset(nnunet_raw: str, dataset_id: int = 902, name: str = "S
         seed: base seed; the same arguments and source files give byte-identical cases.
         source_dir: folder with ``ch2.nii.gz`` and ``aal.nii.gz`` (default: see :func:`find_source_dir`).
         overwrite: replace an existing folder of the same name.
+        shifted: build the shifted cohorts (module docstring): ``tr_000 .. tr_{num_source-1}`` from the source
+            site, all other cases from three target sites; also writes ``cohorts.json``. False (default) writes
+            exactly the unshifted dataset.
+        num_source: number of source training cases when ``shifted``, ``1 .. num_train - 1``; ignored otherwise.
     Returns:
         The dataset folder path.
     Raises:
@@ -303,6 +407,10 @@ def make_fewlabel_dataset(nnunet_raw: str, dataset_id: int = 902, name: str = "S
         raise ValueError(f"shape must be 3 axes of at least 16 voxels, got {tuple(shape)}")
     if spacing_mm <= 0:
         raise ValueError(f"spacing_mm must be positive, got {spacing_mm}")
+    if shifted and not 1 <= num_source <= num_train - 1:
+        raise ValueError(f"num_source must be in 1..num_train - 1 = {num_train - 1} with shifted=True (at least one "
+                         f"source case and one unlabeled target case), got num_source={num_source}")
+    site_source_count = int(num_source) if shifted else None
     source = find_source_dir(source_dir)
     image, classes, affine = load_source(source)
     source_spacing = float(np.abs(np.diag(affine)[:3]).min())
@@ -314,14 +422,16 @@ def make_fewlabel_dataset(nnunet_raw: str, dataset_id: int = 902, name: str = "S
                                     ["imagesTr", "labelsTr", "imagesTs", TEST_LABELS_FOLDER], overwrite=overwrite)
     spacing = (float(spacing_mm),) * 3
     rows = []
+    sites: Dict[str, str] = {}
     for prefix, count, image_dir, label_dir in (("tr", num_train, "imagesTr", "labelsTr"),
                                                 ("ts", num_test, "imagesTs", TEST_LABELS_FOLDER)):
         for index in range(count):
             case_id = f"{prefix}_{index:03d}"
             hemisphere = "left" if index % 2 == 0 else "right"
+            site = sites[case_id] = case_site(prefix, index, site_source_count)
             rng = case_rng(seed, prefix, index)
             for _ in range(20):  # redraw on the rare crop that cuts a class below MIN_CLASS_VOXELS
-                params = draw_case_parameters(rng, hemisphere)
+                params = draw_case_parameters(rng, hemisphere, site)
                 case_image, label, origin = render_case(image, classes, affine, params, rng, shape, spacing_mm)
                 volumes = np.bincount(label.ravel(), minlength=len(ANATOMY_CLASSES) + 1)[1:]
                 if volumes.min() >= MIN_CLASS_VOXELS:
@@ -332,28 +442,41 @@ def make_fewlabel_dataset(nnunet_raw: str, dataset_id: int = 902, name: str = "S
             write_volume(case_image, spacing, folder / image_dir / f"{case_id}_0000{FILE_ENDING}", origin)
             write_volume(label, spacing, folder / label_dir / f"{case_id}{FILE_ENDING}", origin)
             rows.append(
-                f"| {case_id} | {hemisphere} | {', '.join(f'{v:+.1f}' for v in params.shift_mm)} | "
+                f"| {case_id} | {site} | {hemisphere} | {', '.join(f'{v:+.1f}' for v in params.shift_mm)} | "
                 f"{_rotation_angle_deg(params.rotation):.1f} | {', '.join(f'{v:.2f}' for v in params.scales)} | "
                 f"{params.elastic_sd_mm:.2f} | {params.gamma:.2f} | {params.blur_sigma_vox:.2f} | "
                 f"{params.bias_amplitude:.2f} | {params.noise_sigma:.3f} | {params.intensity_scale:.0f} | "
                 + " | ".join(str(int(v)) for v in volumes) + " |")
 
     labels = {"background": 0, **{n: i for i, n in enumerate(ANATOMY_CLASSES, start=1)}}
+    generator = {"seed": int(seed), "shape": [int(s) for s in shape], "spacing_mm": float(spacing_mm)}
+    description = ("Deep grey-matter nuclei (caudate, putamen, thalamus) in hemisphere crops of the real Colin 27 "
+                   "T1 MR brain with AAL labels, under random elastic/affine, contrast, bias and noise changes. "
+                   "See PROVENANCE.md.")
+    if shifted:
+        generator.update(shifted=True, num_source=int(num_source))
+        description += (f" Shifted cohorts: tr_000..tr_{num_source - 1:03d} from one source site, all other cases "
+                        f"from the target sites {', '.join(TARGET_SITES)}; see cohorts.json.")
+        source_ids = [c for c, s in sites.items() if s == "source"]
+        cohorts = {"source": source_ids,
+                   "target": {t: [c for c, s in sites.items() if s == t] for t in TARGET_SITES},
+                   "unlabeled_pool": [c for c, s in sites.items() if c.startswith("tr_") and s != "source"],
+                   "test": [c for c in sites if c.startswith("ts_")]}
+        (folder / "cohorts.json").write_text(json.dumps(cohorts, indent=2) + "\n")
     write_dataset_json(
         folder, {"0": "T1"}, labels, num_train,
         name=folder.name,
-        description=("Deep grey-matter nuclei (caudate, putamen, thalamus) in hemisphere crops of the real Colin 27 "
-                     "T1 MR brain with AAL labels, under random elastic/affine, contrast, bias and noise changes. "
-                     "See PROVENANCE.md."),
+        description=description,
         licence=f"BSD-3-clause (Debian package {SOURCE_PACKAGE}); cite Holmes 1998 and Tzourio-Mazoyer 2002",
         reference="Colin 27 (Holmes et al. 1998); AAL (Tzourio-Mazoyer et al. 2002)",
         numTest=int(num_test),
         test_labels_folder=TEST_LABELS_FOLDER,
-        generator={"seed": int(seed), "shape": [int(s) for s in shape], "spacing_mm": float(spacing_mm)},
+        generator=generator,
     )
     class_table = [f"| {i} | {n} | {', '.join(str(r) for r in ids)} |"
                    for i, (n, ids) in enumerate(ANATOMY_CLASSES.items(), start=1)]
-    (folder / "PROVENANCE.md").write_text(_provenance(folder, source, rows, shape, spacing_mm, seed, class_table))
+    provenance = _provenance(folder, source, rows, shape, spacing_mm, seed, class_table, site_source_count)
+    (folder / "PROVENANCE.md").write_text(provenance)
     return str(folder)
 
 
@@ -377,14 +500,26 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help=f"folder with {SOURCE_IMAGE} and {SOURCE_LABELS} (default: ${SOURCE_DIR_ENV} or "
                              f"{DEFAULT_SOURCE_DIRS[0]})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    parser.add_argument("--shifted", action="store_true",
+                        help="shifted cohorts: the first --num-source training cases from one narrow source site, "
+                             "all other training and test cases from three shifted target sites (contrast + bias, "
+                             "low resolution + noise, anatomy size); writes cohorts.json")
+    parser.add_argument("--num-source", type=int, default=None, metavar="K",
+                        help="source training cases with --shifted (default 4; 1 .. num-train - 1)")
     args = parser.parse_args(argv)
     if not args.output:
         parser.error("no output folder: pass -o RAW_FOLDER or set nnUNet_raw")
+    if args.num_source is not None and not args.shifted:
+        parser.error("--num-source only applies with --shifted")
     try:
         folder = make_fewlabel_dataset(args.output, args.dataset_id, args.name, args.num_train, args.num_test,
-                                       tuple(args.shape), args.spacing, args.seed, args.source_dir, args.overwrite)
+                                       tuple(args.shape), args.spacing, args.seed, args.source_dir, args.overwrite,
+                                       shifted=args.shifted,
+                                       num_source=4 if args.num_source is None else args.num_source)
     except FileNotFoundError as error:
         parser.exit(2, f"error: {error}\n")
+    except ValueError as error:
+        parser.error(str(error))
     print(folder)
 
 

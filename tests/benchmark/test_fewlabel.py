@@ -307,6 +307,33 @@ def test_protocol_runs_tabulates_and_reuses_finished_runs(nnunet_env, tmp_path, 
         assert os.path.getmtime(os.path.join(spec.output_folder, "checkpoint_final.pth")) == finals[spec.trainer]
     assert (out / "fewlabel_results.csv").read_text() == first_csv  # same numbers, same table
 
+    # --test: the finished runs' final checkpoints predict the raw dataset's held-out cases, scored on labelsTs
+    settings = dataclasses.replace(fewlabel.ProtocolSettings(
+        dataset=DATASET_NAME, configuration=CONFIG, labeled_counts=[2], trainers=[MT], fold=0, outdir=str(out),
+        device="cpu", epochs=1, iters=2, val_iters=1), test=True)
+    labels_ts = os.path.join(nnunet_env.dataset_raw, "labelsTs")
+    os.rename(labels_ts, labels_ts + "_away")
+    with pytest.raises(ProtocolError, match="--test needs held-out labeled cases.*no labelsTs"):
+        fewlabel.run_protocol(settings, log=lines.append)
+    os.rename(labels_ts + "_away", labels_ts)
+    held_out = sorted(f[:-len(".nii.gz")] for f in os.listdir(labels_ts))
+    assert held_out and list(fewlabel.held_out_test_set(DATASET_NAME).cases) == held_out
+    for attempt in range(2):
+        lines = []
+        tested = fewlabel.run_protocol(settings, log=lines.append)
+        assert sum("reusing its test-set predictions" in m for m in lines) == 2 * attempt
+        assert sum(f"predicting the {len(held_out)} held-out test cases" in m for m in lines) == 2 * (1 - attempt)
+        assert not any("training" in m for m in lines)
+        for spec, ev in zip(tested["runs"], tested["evaluations"]):
+            summary = load_json(os.path.join(spec.output_folder, "test_predictions", "summary.json"))
+            assert sorted(os.path.basename(c["reference_file"]) for c in summary["metric_per_case"]) == \
+                [c + ".nii.gz" for c in held_out]
+            assert ev["cases"] == held_out and ev["evaluated_on"] == "test"
+            assert ev["dice_mean"] == summary["foreground_mean"]["Dice"]
+        header, *rows = [line.split(",") for line in (out / "fewlabel_results.csv").read_text().strip().splitlines()]
+        assert "num_test" in header and all(r[header.index("num_test")] == str(len(held_out)) for r in rows)
+        assert "held-out test cases" in (out / "fewlabel_results.md").read_text()
+
 
 def test_ct_normalisation_from_all_labels_is_warned_about():
     from nnunetv2_samssl.benchmark.fewlabel import label_derived_normalization

@@ -272,3 +272,132 @@ def test_fewlabel_console_entry(tmp_path, capsys):
     image = sitk.ReadImage(str(folder / "imagesTr" / "tr_000_0000.nii.gz"))
     assert image.GetSize() == (32, 40, 32) and image.GetSpacing() == (1.75, 1.75, 1.75)
     assert sitk.GetArrayFromImage(image).dtype == np.int16
+
+
+# ----------------------------------------------------------------------------------------------------
+# real-anatomy few-label dataset: default build pinned, shifted cohorts
+# ----------------------------------------------------------------------------------------------------
+#: sha256 of the voxel arrays (not of the gzip files) and of dataset.json of ``fewlabel_folder``, computed with
+#: the builder before the shifted-cohort option existed: the default build must stay byte-identical
+PINNED_SOURCE_SHA256 = {"ch2.nii.gz": "a009051127f64dc3dd554d5f5b589870ea72106d9642c21b4e7093e478cfc309",
+                        "aal.nii.gz": "b512dcd3f36b77f56be7a9a038134096e66314b7e8c31d25875b96bcf6991454"}
+PINNED_DEFAULT_SHA256 = {
+    "imagesTr/tr_000_0000.nii.gz": "2e12a515815b27b1621cb01b727d4493b277f01cefbf82f5f44a5c0f394cb3af",
+    "labelsTr/tr_000.nii.gz": "9dc9578da82cd78d0e22556bd79c7d9378c6e95f5dd836ce6a1773e2ddc24a22",
+    "imagesTs/ts_001_0000.nii.gz": "03dd7a464b25155a80a14b9759b09eea335904d348e9e2e325dd94a2b9ae0437",
+    "labelsTs/ts_001.nii.gz": "c0d11d2717860c7f21a6ff60c41a5e4b132c9a9cea72d40ffeb7b34278a6cea2",
+}
+PINNED_DEFAULT_DATASET_JSON_SHA256 = "710b1957198c407b74deca000cb57740849fc3645c0cefcc9271f385607d3060"
+
+
+def _provenance_cases(folder: Path) -> dict:
+    """case id -> {column name: cell} from PROVENANCE.md's case table."""
+    lines = (folder / "PROVENANCE.md").read_text().splitlines()
+    start = lines.index("## Cases") + 1
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[start + 2:] if line.startswith("| ")]
+    return {row[0]: dict(zip(header, row)) for row in rows}
+
+
+def test_fewlabel_default_build_is_unchanged(fewlabel_folder):
+    source = _source_or_skip()
+    found = {name: hashlib.sha256((source / name).read_bytes()).hexdigest() for name in PINNED_SOURCE_SHA256}
+    if found != PINNED_SOURCE_SHA256:
+        pytest.skip(f"another {real_anatomy.SOURCE_PACKAGE} release ({found}): the pinned cases do not apply")
+    arrays = {rel: hashlib.sha256(_read(fewlabel_folder / rel).tobytes()).hexdigest() for rel in PINNED_DEFAULT_SHA256}
+    assert arrays == PINNED_DEFAULT_SHA256, "default build changed (or numpy/scipy changed its numerics)"
+    assert hashlib.sha256((fewlabel_folder / "dataset.json").read_bytes()).hexdigest() == \
+        PINNED_DEFAULT_DATASET_JSON_SHA256
+    assert not (fewlabel_folder / "cohorts.json").exists()
+    cases = _provenance_cases(fewlabel_folder)
+    assert len(cases) == 7 and {row["site"] for row in cases.values()} == {"default"}
+
+
+@pytest.fixture(scope="module")
+def shifted_folder(tmp_path_factory) -> Path:
+    """Shifted cohorts: 3 source cases, 6 unlabeled + 3 test target cases (3 per site). The grid covers
+    100 x 120 x 100 mm so that the nuclei are rarely cut by the crop and their volume follows the scaling."""
+    _source_or_skip()
+    raw = tmp_path_factory.mktemp("raw_shifted")
+    return Path(make_fewlabel_dataset(str(raw), dataset_id=954, num_train=9, num_test=3, shape=(40, 48, 40),
+                                      spacing_mm=2.5, seed=0, shifted=True, num_source=3))
+
+
+def test_fewlabel_shifted_cohorts_and_metadata(shifted_folder, capsys):
+    cohorts = json.loads((shifted_folder / "cohorts.json").read_text())
+    train = [f"tr_{i:03d}" for i in range(9)]
+    test = [f"ts_{i:03d}" for i in range(3)]
+    assert cohorts["source"] == train[:3]
+    assert cohorts["target"] == {"site_contrast": ["tr_003", "tr_006", "ts_000"],
+                                 "site_lowres": ["tr_004", "tr_007", "ts_001"],
+                                 "site_size": ["tr_005", "tr_008", "ts_002"]}
+    listed = cohorts["source"] + [c for ids in cohorts["target"].values() for c in ids]
+    assert sorted(listed) == sorted(train + test) and len(listed) == len(set(listed))  # every case exactly once
+    assert cohorts["unlabeled_pool"] == train[3:] and cohorts["test"] == test
+
+    meta = json.loads((shifted_folder / "dataset.json").read_text())
+    assert meta["generator"] == {"seed": 0, "shape": [40, 48, 40], "spacing_mm": 2.5, "shifted": True, "num_source": 3}
+    assert meta["numTraining"] == 9 and meta["numTest"] == 3
+    cases = _provenance_cases(shifted_folder)
+    site_of = {c: "source" for c in cohorts["source"]}
+    site_of.update({c: site for site, ids in cohorts["target"].items() for c in ids})
+    assert {c: row["site"] for c, row in cases.items()} == site_of
+    for case, row in cases.items():  # the drawn ranges, as recorded
+        scales = [float(v) for v in row["scales"].split(",")]
+        gamma, blur = float(row["gamma"]), float(row["blur vox"])
+        if site_of[case] == "source":
+            assert all(0.97 <= s <= 1.03 for s in scales) and 0.95 <= gamma <= 1.05 and blur <= 0.2, row
+        elif site_of[case] == "site_size":
+            assert all(0.80 <= s <= 0.88 for s in scales) or all(1.12 <= s <= 1.20 for s in scales), row
+    _check_with_nnunet(shifted_folder, capsys)
+
+
+def _shift_measurements(folder: Path) -> dict:
+    """site -> list of (nuclei median / image 95th percentile, mean |LoG(1 voxel)| / (p99 - p1), foreground voxels)
+    per case, measured on the written files."""
+    from scipy import ndimage
+
+    cohorts = json.loads((folder / "cohorts.json").read_text())
+    sites = {"source": cohorts["source"], **cohorts["target"]}
+    measured = {}
+    for site, ids in sites.items():
+        for case in ids:
+            split = "Tr" if case.startswith("tr_") else "Ts"
+            image = _read(folder / f"images{split}" / f"{case}_0000.nii.gz").astype(np.float64)
+            label = _read(folder / f"labels{split}" / f"{case}.nii.gz")
+            low, p95, high = np.percentile(image, [1, 95, 99])
+            measured.setdefault(site, []).append((
+                float(np.median(image[label > 0]) / p95),
+                float(np.abs(ndimage.gaussian_laplace(image, 1.0)).mean() / (high - low)),
+                int((label > 0).sum())))
+    return measured
+
+
+def _assert_sites_shifted(measured: dict) -> None:
+    source = np.array(measured["source"])
+    # contrast: gamma >= 1.8 darkens the nuclei against white matter (ratio ~0.82 -> ~0.6-0.7)
+    contrast = np.array(measured["site_contrast"])
+    assert contrast[:, 0].max() < source[:, 0].min() - 0.05, (contrast[:, 0], source[:, 0])
+    # resolution: a blur of 1-1.4 voxels removes structure at the 1-voxel scale; measured with a Laplacian of
+    # Gaussian (sigma 1 voxel), because the plain Laplacian is dominated by this site's 5-8 % noise
+    lowres = np.array(measured["site_lowres"])
+    assert lowres[:, 1].max() < 0.8 * source[:, 1].min(), (lowres[:, 1], source[:, 1])
+    # anatomy size: scaling 0.80-0.88 or 1.12-1.20 per axis changes the nuclei volume by x1.7 or x0.6
+    size = np.array(measured["site_size"])
+    median, spread = np.median(source[:, 2]), np.ptp(source[:, 2])
+    assert (np.abs(size[:, 2] - median) > spread).all(), (size[:, 2], source[:, 2])
+
+
+def test_fewlabel_shifted_sites_are_measurably_shifted(shifted_folder):
+    _assert_sites_shifted(_shift_measurements(shifted_folder))
+
+
+def test_fewlabel_shifted_num_source_validated(tmp_path, capsys):
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="num_source"):
+            make_fewlabel_dataset(str(tmp_path / "raw"), num_train=5, shifted=True, num_source=bad)
+    assert not (tmp_path / "raw").exists()  # checked before anything is written
+    for argv in (["--num-source", "2"], ["--shifted", "--num-train", "3", "--num-source", "3"]):
+        with pytest.raises(SystemExit) as exit_info:
+            real_anatomy.main(["-o", str(tmp_path / "raw"), *argv])
+        assert exit_info.value.code == 2 and "num-source" in capsys.readouterr().err.replace("_", "-")
