@@ -60,7 +60,6 @@ class CachedSamSource(SamSource):
         self.embeddings = EmbeddingCache(embedding_cache_mib) if windows == "whole" and embedding_cache_mib > 0 \
             else None
         self.stage_times: Optional[StageTimes] = None  # while a refresh runs
-        self.first_refresh_s: Optional[float] = None  # speed benchmarks: the refresh that also encoded
         self.stage_seconds: Dict[str, float] = {}  # of the last refresh
         self.cache = PseudoLabelCache(os.path.join(context.output_folder, "sam_pseudo_labels"),
                                       context.space.unknown_label)
@@ -104,9 +103,9 @@ class CachedSamSource(SamSource):
 
     def timed_periodic_work(self) -> Tuple[float, int]:
         """Speed benchmarks: seconds of a refresh as nearly every refresh of a training runs it, and the epochs
-        it serves. With reused embeddings that is the second refresh (the first also encodes the images: its
-        seconds are kept in ``first_refresh_s`` and logged)."""
-        seconds = self.first_refresh_s = self.refresh(self.refresh_epochs)
+        it serves. With reused embeddings that is the second refresh (the first also encodes the images; its
+        seconds are in the log)."""
+        seconds = self.refresh(self.refresh_epochs)
         if self.embeddings is not None:
             seconds = self.refresh(2 * self.refresh_epochs)
         return seconds, self.refresh_epochs
