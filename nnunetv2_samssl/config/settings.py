@@ -123,8 +123,14 @@ class MeanTeacherSettings(SettingsGroup):
                              "ema_decay)).", minimum=0.0, maximum=1.0)
     consistency_loss: str = _user(types=(str,), doc="Student-teacher consistency on unlabeled patches: softmax_mse "
                                   "(mean of the squared softmax difference, SemiSAM+ / UA-MT), softmax_mse_halved "
-                                  "(sum / (2 numel), the original SemiSAM code), softmax_kl, cross_entropy.",
-                                  choices=("softmax_mse", "softmax_mse_halved", "softmax_kl", "cross_entropy"))
+                                  "(sum / (2 numel), the original SemiSAM code), softmax_kl, cross_entropy (soft "
+                                  "targets), hard_cross_entropy (the teacher's argmax as a hard pseudo-label).",
+                                  choices=("softmax_mse", "softmax_mse_halved", "softmax_kl", "cross_entropy",
+                                           "hard_cross_entropy"))
+    consistency_threshold: float = _user(types=(float,), doc="Only voxels where the teacher's probability of its "
+                                         "most likely class reaches this enter the consistency loss (the others "
+                                         "count as zero in its mean, as in FixMatch); 0 = every voxel.",
+                                         minimum=0.0, maximum=1.0)
     consistency_weight: float = _user(types=(float,), doc="Maximum weight lambda_c of the consistency loss.",
                                       minimum=0.0)
     consistency_rampup: float = _user(types=(float,), doc="Ramp-up length of lambda_c as a fraction of all "
@@ -135,6 +141,13 @@ class MeanTeacherSettings(SettingsGroup):
                                      minimum=0.0)
     teacher_noise_clip: float = _user(types=(float,), doc="The teacher's input noise is clipped to +-this value.",
                                       minimum=0.0)
+    student_view: str = _user(types=(str,), doc="What the student sees of an unlabeled patch: weak (the teacher's "
+                              "patch) or strong (the same patch with a strong photometric perturbation: gamma, bias "
+                              "field, blur, noise; voxels stay in place, so the teacher's targets stay aligned).",
+                              choices=("weak", "strong"))
+    strong_view_strength: float = _user(types=(float,), doc="Scales every range of the strong view (1: gamma up to "
+                                        "2.5 or down to 1/2.5, bias field amplitude 0.5, blur sigma 1.5 voxels, "
+                                        "noise 0.1 std).", minimum=0.0)
     predict_with: str = _user(types=(str,), doc="Weights written as 'network_weights' (used by nnUNetv2_predict "
                               "and the final validation).", choices=("student", "teacher"))
 

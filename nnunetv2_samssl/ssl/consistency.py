@@ -38,13 +38,18 @@ def softmax_mse_halved(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return 0.5 * softmax_mse(student_logits, teacher_logits)
 
 
+def hard_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the student against the teacher's argmax (hard pseudo-labels, FixMatch's form)."""
+    return F.cross_entropy(student_logits.float(), teacher_logits.detach().argmax(1))
+
+
 CONSISTENCY_LOSSES: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "softmax_mse": softmax_mse,
     "softmax_mse_halved": softmax_mse_halved,
     "softmax_kl": softmax_kl,
     "cross_entropy": soft_cross_entropy,
+    "hard_cross_entropy": hard_cross_entropy,
 }
-
 
 
 # region-based training: every channel is an independent sigmoid region, so each form compares the per-region
@@ -71,6 +76,7 @@ REGION_CONSISTENCY_LOSSES: Dict[str, Callable[[torch.Tensor, torch.Tensor], torc
     "softmax_mse_halved": lambda s, t: 0.5 * sigmoid_mse(s, t),
     "softmax_kl": sigmoid_kl,
     "cross_entropy": sigmoid_cross_entropy,
+    "hard_cross_entropy": lambda s, t: F.binary_cross_entropy_with_logits(s.float(), (t.detach() > 0).float()),
 }
 
 
@@ -92,19 +98,40 @@ VOXEL_FORMS: Dict[Tuple[str, bool], Callable[[torch.Tensor, torch.Tensor], torch
                                          ).pow(2).mean(1),
     ("softmax_kl", True): lambda s, t: (_sigmoid_bce(s, t) - _sigmoid_bce(t.detach(), t)).mean(1),
     ("cross_entropy", True): lambda s, t: _sigmoid_bce(s, t).mean(1),
+    ("hard_cross_entropy", False): lambda s, t: F.cross_entropy(s.float(), t.detach().argmax(1), reduction="none"),
+    ("hard_cross_entropy", True): lambda s, t: F.binary_cross_entropy_with_logits(
+        s.float(), (t.detach() > 0).float(), reduction="none").mean(1),
 }
+
+
+def teacher_confidence(teacher_logits: torch.Tensor, regions: bool) -> torch.Tensor:
+    """``(B, *spatial)``: the teacher's probability of its most likely class (softmax), or for regions the least
+    confident region's ``max(p, 1 - p)``."""
+    t = teacher_logits.detach().float()
+    if regions:
+        p = torch.sigmoid(t)
+        return torch.maximum(p, 1 - p).amin(1)
+    return torch.softmax(t, 1).amax(1)
 
 
 class ConsistencyForm:
     """A ``consistency_loss`` form: ``form(student_logits, teacher_logits)`` is the mean over all voxels,
     ``form(..., mask=m)`` the mean over the voxels where ``m`` ``(B, *spatial)`` is true (a graph-connected zero
-    when none is)."""
+    when none is).
 
-    def __init__(self, name: str, regions: bool):
+    With ``threshold`` > 0 only voxels where the teacher is confident (:func:`teacher_confidence` at least
+    ``threshold``) contribute; the others count as zero in the mean, as in FixMatch, so the term shrinks while
+    the teacher is unsure. :attr:`last_confident_fraction` holds the fraction of voxels (within the mask) that
+    passed at the last call."""
+
+    def __init__(self, name: str, regions: bool, threshold: float = 0.0):
         table = REGION_CONSISTENCY_LOSSES if regions else CONSISTENCY_LOSSES
         if name not in table:
             raise ValueError(f"consistency_loss must be one of {sorted(table)}, got {name!r}")
-        self.name, self.regions = name, regions
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"the consistency threshold must be in [0, 1], got {threshold}")
+        self.name, self.regions, self.threshold = name, regions, float(threshold)
+        self.last_confident_fraction: Optional[torch.Tensor] = None
         self.scalar = table[name]
         halved = name == "softmax_mse_halved"
         self.voxel = VOXEL_FORMS[("softmax_mse" if halved else name, regions)]
@@ -112,16 +139,22 @@ class ConsistencyForm:
 
     def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if mask is None:
+        if mask is None and self.threshold == 0:
             return self.scalar(student_logits, teacher_logits)
-        weight = mask.to(torch.float32)
+        weight = torch.ones(student_logits.shape[:1] + student_logits.shape[2:], device=student_logits.device) \
+            if mask is None else mask.to(torch.float32)
         values = self.voxel(student_logits, teacher_logits)
+        if self.threshold > 0:
+            confident = (teacher_confidence(teacher_logits, self.regions) >= self.threshold).to(torch.float32)
+            self.last_confident_fraction = ((confident * weight).sum() / weight.sum().clamp_min(1.0)).detach()
+            values = values * confident
         return self.factor * (values * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-def consistency_loss(name: str, regions: bool) -> ConsistencyForm:
-    """The consistency form ``name`` (a ``consistency_loss`` setting) for label- or region-based outputs."""
-    return ConsistencyForm(name, regions)
+def consistency_loss(name: str, regions: bool, threshold: float = 0.0) -> ConsistencyForm:
+    """The consistency form ``name`` (a ``consistency_loss`` setting) for label- or region-based outputs, on the
+    voxels where the teacher's confidence reaches ``threshold`` (0: all)."""
+    return ConsistencyForm(name, regions, threshold)
 
 
 Outputs = Union[torch.Tensor, Sequence[torch.Tensor]]

@@ -14,6 +14,7 @@ from nnunetv2_samssl.pseudo_labels.base import NetworkOutputs, UnlabeledBatch
 from nnunetv2_samssl.ssl.consistency import consistency_loss, deep_supervision_consistency
 from nnunetv2_samssl.ssl.ema import EMATeacher, unwrap
 from nnunetv2_samssl.ssl.ramps import sigmoid_rampup
+from nnunetv2_samssl.ssl.views import student_view
 from nnunetv2_samssl.training.ssl_trainer import nnUNetTrainerSSLBase
 
 Outputs = Union[torch.Tensor, List[torch.Tensor]]
@@ -41,7 +42,12 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
         if mt.predict_with == "teacher":
             self.parts.set_predicting("teacher")
         # region-based datasets: the sigmoid counterpart of the form (each region its own Bernoulli)
-        self.consistency_fn = consistency_loss(mt.consistency_loss, self.label_space.has_regions)
+        self.consistency_fn = consistency_loss(mt.consistency_loss, self.label_space.has_regions,
+                                               mt.consistency_threshold)
+        self.strong_view = student_view(mt.student_view, mt.strong_view_strength)
+        if mt.consistency_threshold > 0:
+            losses = self.log_panels.get("Mean Teacher losses", [])
+            self.log_panels = {**self.log_panels, "Mean Teacher losses": [*losses, "consistency_confident"]}
         self.initialize_sources()
         self.finish_initialize()
 
@@ -67,8 +73,14 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
         consistency = deep_supervision_consistency(self.consistency_fn, outputs.student, outputs.teacher,
                                                    self.consistency_scale_weights(), masks)
         w = self.consistency_weight()
-        return {"consistency_loss": consistency.detach(), "consistency_weight": torch.tensor(w),
-                "consistency_term": w * consistency}
+        terms = {"consistency_loss": consistency.detach(), "consistency_weight": torch.tensor(w),
+                 "consistency_term": w * consistency}
+        if self.consistency_fn.threshold > 0:  # the fraction of voxels confident enough (last scale used)
+            terms["consistency_confident"] = self.consistency_fn.last_confident_fraction
+        return terms
+
+    def student_input(self, images: torch.Tensor) -> torch.Tensor:
+        return images if self.strong_view is None else self.strong_view(images)
 
     def on_train_start(self):
         super().on_train_start()

@@ -251,6 +251,11 @@ class nnUNetTrainerSSLBase(LabeledSubsetMixin, nnUNetTrainer):
         """Hook: the teacher's outputs on the unlabeled batch (no gradient), or ``None``."""
         return None
 
+    def student_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Hook: what the student sees of the unlabeled patches (the teacher's and the sources' patches by
+        default; Mean Teacher's ``student_view: strong`` perturbs their intensities)."""
+        return images
+
     def consistency_terms(self, outputs: NetworkOutputs,
                           masks: Optional[List[torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
         """Hook: weighted terms (keys ending in ``_term``) and detached metrics between student and teacher, over
@@ -315,7 +320,7 @@ class nnUNetTrainerSSLBase(LabeledSubsetMixin, nnUNetTrainer):
                 teacher = self.teacher_outputs(ssl_batch)
             # one fused student forward over labeled and unlabeled patches (instance norm is per sample,
             # so this equals two separate forwards)
-            student = self.network(torch.cat((data, unlabeled.images)))
+            student = self.network(torch.cat((data, self.student_input(unlabeled.images))))
             student_l, student_u = split_outputs(student, b_l)
             sup = self.loss(student_l, target)
             outputs = NetworkOutputs(student if wide else student_u, teacher, self.label_space)
