@@ -10,6 +10,8 @@ For each count N of ``--labeled`` and one fold of the dataset:
 - every semi-supervised trainer (``-tr``) is trained on the same N labeled cases with the fold's other
   training cases as unlabeled data (labeled-subset mode; the ``imagesUnlabeled`` cases are added only
   with ``--use-unlabeled-folder``);
+- every ``--variant NAME TRAINER OVERRIDES`` is one more semi-supervised row: TRAINER on the same cases with
+  ``--overrides`` then OVERRIDES, under its own NAME (an ablation: one trainer, several settings);
 - every run is validated by nnU-Net itself (``perform_actual_validation``: sliding-window prediction
   of the fold's validation cases, ``compute_metrics_on_folder`` -> ``validation/summary.json``), which is
   disjoint from the training cases of the fold.
@@ -17,15 +19,19 @@ For each count N of ``--labeled`` and one fold of the dataset:
 All runs share one training schedule (from ``--epochs/--iters/--val-iters``, else from the
 semi-supervised trainers' config, which must then agree), pinned explicitly for every run through
 ``nnUNet_samssl_overrides``. Each run is a separate ``nnUNetv2_train`` process (the stock CLI, memory
-freed between runs) with its own ``nnUNet_results`` = ``OUTDIR/runs/<trainer>_N<n>/``, so runs never
-overwrite each other. Re-running the command resumes: a run with ``checkpoint_final.pth`` and
-``validation/summary.json`` is reused, one with only the final checkpoint is validated (``--val``), an
-interrupted one continues (``--c``). A run folder planned with other settings is an error, never
-silently mixed in.
+freed between runs) with its own ``nnUNet_results`` = ``OUTDIR/runs/<row>_N<n>/`` (``<row>``: the trainer, or
+the variant's NAME), so runs never overwrite each other. ``--repeats R`` trains every run R times
+(nnU-Net on CPU is not seeded: the repeats measure the run-to-run spread); repeat r >= 1 goes to
+``runs/<row>_N<n>_r<r>/``, the first keeps the folder of a protocol without repeats. Re-running the command
+resumes: a run with ``checkpoint_final.pth`` and ``validation/summary.json`` is reused, one with only the final
+checkpoint is validated (``--val``), an interrupted one continues (``--c``). A run folder planned with other
+settings is an error, never silently mixed in.
 
 Written to OUTDIR: ``plan.json`` (every run: cases, overrides), ``runs/<run>/run.json`` (plan + attempts),
-``runs/<run>/nnUNetv2_train.log``, and the results ``fewlabel_results.csv``, ``fewlabel_results.md`` and
-``fewlabel_dice.png`` (mean foreground Dice against N, one line per trainer).
+``runs/<run>/nnUNetv2_train.log``, and the results ``fewlabel_results.csv`` (one line per run, repeats
+included), ``fewlabel_results.md`` (one line per row and N: mean ± sample standard deviation over the
+repeats) and ``fewlabel_dice.png`` (mean foreground Dice against N, one line per row, error bars: the
+standard deviation over the repeats).
 
 HD95 (mm) is computed here from the validation predictions and nnU-Net's ``gt_segmentations``: per case
 and class the larger of the two directed 95th-percentile surface distances (voxel spacing of the
@@ -38,6 +44,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -62,8 +69,10 @@ RESULTS_MD = "fewlabel_results.md"
 RESULTS_PNG = "fewlabel_dice.png"
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 # fields of a run that must match for a finished run folder to be reused
-PLANNED_FIELDS = ("trainer", "kind", "num_labeled", "labeled_cases", "unlabeled_cases", "validation_cases",
-                  "dataset", "configuration", "fold", "plans_identifier", "overrides", "config")
+PLANNED_FIELDS = ("trainer", "variant", "kind", "num_labeled", "labeled_cases", "unlabeled_cases",
+                  "validation_cases", "dataset", "configuration", "fold", "plans_identifier", "overrides", "config")
+# a --variant NAME names run folders (runs/<NAME>_N<n>)
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class ProtocolError(RuntimeError):
@@ -81,7 +90,7 @@ class FoldSplit:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run of the protocol. ``results_dir`` is its ``nnUNet_results``."""
+    """One training run of the protocol. ``results_dir`` is its ``nnUNet_results``: ``runs/<name>``."""
 
     trainer: str
     kind: str  # "supervised" (baseline) or "semi-supervised"
@@ -98,10 +107,18 @@ class RunSpec:
     overrides: str
     config: Optional[str]
     results_dir: str
+    variant: Optional[str] = None  # the --variant NAME of its row; None for the baseline and the -tr trainers
+    repeat: int = 0  # 0-based index among the --repeats of the same row and N
+
+    @property
+    def row(self) -> str:
+        """Its row's name in the results: the variant's NAME, else the trainer."""
+        return self.variant or self.trainer
 
     @property
     def name(self) -> str:
-        return f"{self.trainer}_N{self.num_labeled}"
+        """Its run folder's name (:func:`run_name`)."""
+        return run_name(self.row, self.num_labeled, self.repeat)
 
     @property
     def output_folder(self) -> str:
@@ -121,6 +138,16 @@ class RunSpec:
         if self.config:
             env[CONFIG_ENV] = self.config
         return env
+
+
+@dataclass(frozen=True)
+class Variant:
+    """``--variant NAME TRAINER OVERRIDES``: the semi-supervised TRAINER as one more row, named NAME, with
+    ``--overrides`` then OVERRIDES (``key=value ...``) as its settings."""
+
+    name: str
+    trainer: Union[str, type]
+    overrides: str = ""
 
 
 @dataclass
@@ -144,6 +171,8 @@ class ProtocolSettings:
     hd95: bool = True
     labeled_from: Sequence[str] = ()  # the labeled cases are drawn from these (e.g. one site's cases); () = all
     test: bool = False  # also predict and score the raw dataset's held-out imagesTs / labelsTs cases
+    variants: Sequence[Variant] = ()  # more semi-supervised rows: a trainer under a name, with its own settings
+    repeats: int = 1  # independent trainings of every run
 
 
 def read_case_pool(values: Sequence[str]) -> Tuple[str, ...]:
@@ -251,34 +280,94 @@ def format_override(key: str, value: Any) -> str:
     return f"{key}={value}"
 
 
-def ssl_override_text(settings: ProtocolSettings, trainer: str) -> str:
-    """The user's extra settings for one semi-supervised trainer: ``--overrides`` then its ``--set``."""
-    return f"{settings.ssl_overrides} {settings.trainer_overrides.get(trainer, '')}".strip()
+def ssl_override_text(settings: ProtocolSettings, trainer: str, variant: Optional[Variant] = None) -> str:
+    """The user's extra settings for one semi-supervised row: ``--overrides`` then the trainer's ``--set``, or for a
+    variant ``--overrides`` then the variant's own (``--set`` is for the ``-tr`` rows only)."""
+    extra = variant.overrides if variant is not None else settings.trainer_overrides.get(trainer, "")
+    return f"{settings.ssl_overrides} {extra}".strip()
 
 
-def resolve_schedule(settings: ProtocolSettings, ssl_classes: Sequence[type]) -> Dict[str, Any]:
-    """The schedule every run gets: CLI values, else what the semi-supervised trainers' settings give
-    (they must agree), else nnU-Net's defaults (null)."""
+@dataclass(frozen=True)
+class ProtocolRow:
+    """One row of the results, planned at every N and repeat: the baseline, a ``-tr`` trainer or a variant.
+    ``overrides``: the user's settings of its runs (empty for supervised rows)."""
+
+    trainer: type
+    kind: str
+    variant: Optional[str] = None
+    overrides: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.variant or self.trainer.__name__
+
+
+def protocol_rows(settings: ProtocolSettings) -> List[ProtocolRow]:
+    """The baseline, the ``-tr`` trainers (each once) and the variants, in this order; checks the trainers and
+    the variants' names."""
+    from nnunetv2_samssl.training.nnUNetTrainerLabeledSubset import nnUNetTrainerLabeledSubset
+
+    rows = [ProtocolRow(nnUNetTrainerLabeledSubset, "supervised")]
+    for t in settings.trainers:
+        cls, kind = trainer_kind(t)
+        if cls.__name__ not in [r.name for r in rows]:
+            rows.append(ProtocolRow(cls, kind, overrides=ssl_override_text(settings, cls.__name__)
+                                    if kind == "semi-supervised" else ""))
+    trainer_rows = [r.name for r in rows]
+    for i, v in enumerate(settings.variants):
+        if not VARIANT_NAME.fullmatch(v.name):
+            raise ProtocolError(f"--variant {v.name!r}: the name of a variant names its run folders "
+                                f"(runs/<NAME>_N<n>); use letters, digits, '_', '.' and '-', starting with a letter "
+                                f"or digit.")
+        if v.name in trainer_rows:
+            raise ProtocolError(f"--variant {v.name}: {v.name} is the name of the "
+                                f"{'baseline' if v.name == BASELINE_TRAINER else '-tr trainer'}'s rows and run "
+                                f"folders; give the variant another name.")
+        if any(other.name == v.name for other in settings.variants[:i]):
+            raise ProtocolError(f"--variant {v.name} is given twice; give every variant its own name.")
+        cls, kind = trainer_kind(v.trainer)
+        if kind != "semi-supervised":
+            raise ProtocolError(f"--variant {v.name}: {cls.__name__} trains on the labeled cases only (the "
+                                f"supervised baseline, which always runs with the protocol's settings); a variant "
+                                f"takes a semi-supervised trainer of this package.")
+        rows.append(ProtocolRow(cls, kind, v.name, ssl_override_text(settings, cls.__name__, v)))
+    return rows
+
+
+def _row_settings(settings: ProtocolSettings, row: ProtocolRow, cli: Mapping[str, Any]) -> Dict[str, Any]:
+    """The settings a semi-supervised row's runs resolve to, before the protocol pins their cases."""
     from nnunetv2_samssl.config.schema import resolve_config
 
+    user = parse_overrides(row.overrides)
+    clash = sorted(set(user) & set(PINNED_KEYS))
+    if clash:
+        raise ProtocolError(f"{row.name}: --overrides / --set / --variant must not set {clash}: the protocol chooses "
+                            f"the labeled cases itself (--labeled, --seed, --use-unlabeled-folder).")
+    cfg, _ = resolve_config(row.trainer.config_schema(), row.trainer.default_config, config=settings.config,
+                            overrides={**user, **{k: v for k, v in cli.items() if v is not None}}, environ={})
+    return cfg
+
+
+def resolve_schedule(settings: ProtocolSettings, rows: Sequence[ProtocolRow]) -> Dict[str, Any]:
+    """The schedule every run gets: CLI values, else what the semi-supervised rows' settings give
+    (they must agree), else nnU-Net's defaults (null)."""
     cli = {"num_epochs": settings.epochs, "num_iterations_per_epoch": settings.iters,
            "num_val_iterations_per_epoch": settings.val_iters}
     schedule: Dict[str, Any] = {k: None for k in SCHEDULE_KEYS}
     seen: Dict[str, Tuple[Any, str]] = {}
-    for cls in ssl_classes:
-        user = parse_overrides(ssl_override_text(settings, cls.__name__))
-        clash = sorted(set(user) & set(PINNED_KEYS))
-        if clash:
-            raise ProtocolError(f"--overrides / --set must not set {clash}: the protocol chooses the labeled cases "
-                                f"itself (--labeled, --seed, --use-unlabeled-folder).")
-        cfg, _ = resolve_config(cls.config_schema(), cls.default_config, config=settings.config,
-                                overrides={**user, **{k: v for k, v in cli.items() if v is not None}}, environ={})
+    for row in rows:
+        if row.kind != "semi-supervised":
+            continue
+        try:
+            cfg = _row_settings(settings, row, cli)
+        except ConfigError as e:
+            raise ProtocolError(f"The settings of the {row.name} runs are invalid: {e}") from e
         for key in SCHEDULE_KEYS:
             if key in seen and seen[key][0] != cfg[key]:
-                raise ProtocolError(f"{seen[key][1]} and {cls.__name__} resolve {key} differently ({seen[key][0]!r} "
+                raise ProtocolError(f"{seen[key][1]} and {row.name} resolve {key} differently ({seen[key][0]!r} "
                                     f"vs {cfg[key]!r}); give the schedule explicitly (--epochs, --iters, "
                                     f"--val-iters, or {key} in --overrides).")
-            seen.setdefault(key, (cfg[key], cls.__name__))
+            seen.setdefault(key, (cfg[key], row.name))
             schedule[key] = cfg[key]
     for key, value in cli.items():
         if value is not None:
@@ -286,8 +375,16 @@ def resolve_schedule(settings: ProtocolSettings, ssl_classes: Sequence[type]) ->
     return schedule
 
 
+def run_name(row: str, num_labeled: int, repeat: int = 0) -> str:
+    """A run's folder name: ``<row>_N<n>``, with ``_r<repeat>`` from the second repeat on (the first keeps the
+    name of a protocol without repeats, so its finished runs are reused)."""
+    return f"{row}_N{num_labeled}" + (f"_r{repeat}" if repeat else "")
+
+
 def plan_runs(settings: ProtocolSettings) -> List[RunSpec]:
-    """Every run of the protocol, baseline first within each N (nothing is trained here)."""
+    """Every run of the protocol (nothing is trained here): repeat by repeat (so the whole protocol is trained once
+    before any run a second time), N by N, the baseline first within each N, then the -tr trainers and the
+    variants."""
     from nnunetv2_samssl.data.splits import LabeledSubsetError, choose_labeled_subset
 
     name = dataset_name(settings.dataset)
@@ -295,22 +392,14 @@ def plan_runs(settings: ProtocolSettings) -> List[RunSpec]:
     counts = sorted(set(int(n) for n in settings.labeled_counts))
     if not counts:
         raise ProtocolError("--labeled needs at least one number of labeled cases.")
-    trainers: List[Tuple[str, str]] = [(BASELINE_TRAINER, "supervised")]
-    ssl_classes = []
-    for t in settings.trainers:
-        cls, kind = trainer_kind(t)
-        if cls.__name__ not in [n for n, _ in trainers]:
-            trainers.append((cls.__name__, kind))
-            if kind == "semi-supervised":
-                ssl_classes.append(cls)
-    try:
-        schedule = resolve_schedule(settings, ssl_classes)
-    except ConfigError as e:
-        raise ProtocolError(f"The settings of the semi-supervised runs are invalid: {e}") from e
+    if settings.repeats < 1:
+        raise ProtocolError(f"--repeats {settings.repeats}: every run is trained at least once; give 1 or more.")
+    rows = protocol_rows(settings)
+    schedule = resolve_schedule(settings, rows)
     schedule_tokens = [format_override(k, v) for k, v in schedule.items()]
     outdir = os.path.abspath(settings.outdir)
-    runs = []
     pool, _ = labeled_pool(split, settings.labeled_from, settings.fold)
+    subsets: Dict[int, Tuple[List[str], List[str]]] = {}  # N -> (labeled, the fold's other training cases)
     for n in counts:
         try:
             labeled, _ = choose_labeled_subset(pool, n, None, settings.seed)
@@ -322,26 +411,30 @@ def plan_runs(settings: ProtocolSettings) -> List[RunSpec]:
             raise ProtocolError(f"--labeled {n}: fold {settings.fold} has {len(split.train)} training cases. "
                                 f"{e}") from e
         rest = [c for c in sorted(split.train) if c not in set(labeled)]
-        if settings.trainers and not rest and any(k == "semi-supervised" for _, k in trainers) \
-                and not settings.use_unlabeled_folder:
+        if not rest and any(r.kind == "semi-supervised" for r in rows) and not settings.use_unlabeled_folder:
             raise ProtocolError(f"--labeled {n} uses every training case of fold {settings.fold}: the "
                                 f"semi-supervised trainers would have no unlabeled case (add "
                                 f"--use-unlabeled-folder or use fewer labeled cases).")
-        pin = [format_override("num_labeled", None), format_override("labeled_cases", labeled)]
-        for tname, kind in trainers:
-            semi = kind == "semi-supervised"
-            tokens = schedule_tokens + pin
-            if semi:
-                tokens = schedule_tokens + ssl_override_text(settings, tname).split() + pin + \
-                         [format_override("use_unlabeled_folder", bool(settings.use_unlabeled_folder))]
-            runs.append(RunSpec(
-                trainer=tname, kind=kind, num_labeled=n, labeled_cases=tuple(labeled),
-                unlabeled_cases=tuple(rest) if semi else (), unused_cases=() if semi else tuple(rest),
-                validation_cases=split.validation, uses_unlabeled_folder=semi and settings.use_unlabeled_folder,
-                dataset=name, configuration=settings.configuration, fold=settings.fold,
-                plans_identifier=settings.plans_identifier, overrides=" ".join(tokens),
-                config=_config_reference(settings.config) if semi else None,
-                results_dir=os.path.join(outdir, RUNS_FOLDER, f"{tname}_N{n}")))
+        subsets[n] = (labeled, rest)
+    runs = []
+    for repeat in range(settings.repeats):
+        for n, (labeled, rest) in subsets.items():
+            pin = [format_override("num_labeled", None), format_override("labeled_cases", labeled)]
+            for row in rows:
+                semi = row.kind == "semi-supervised"
+                tokens = schedule_tokens + pin
+                if semi:
+                    tokens = schedule_tokens + row.overrides.split() + pin + \
+                             [format_override("use_unlabeled_folder", bool(settings.use_unlabeled_folder))]
+                runs.append(RunSpec(
+                    trainer=row.trainer.__name__, kind=row.kind, num_labeled=n, labeled_cases=tuple(labeled),
+                    unlabeled_cases=tuple(rest) if semi else (), unused_cases=() if semi else tuple(rest),
+                    validation_cases=split.validation, uses_unlabeled_folder=semi and settings.use_unlabeled_folder,
+                    dataset=name, configuration=settings.configuration, fold=settings.fold,
+                    plans_identifier=settings.plans_identifier, overrides=" ".join(tokens),
+                    config=_config_reference(settings.config) if semi else None,
+                    results_dir=os.path.join(outdir, RUNS_FOLDER, run_name(row.name, n, repeat)),
+                    variant=row.variant, repeat=repeat))
     return runs
 
 
@@ -365,6 +458,12 @@ def check_plan(runs: Sequence[RunSpec]) -> None:
     for n, group in by_n.items():
         if len({r.labeled_cases for r in group}) != 1 or len({r.validation_cases for r in group}) != 1:
             raise ProtocolError(f"N={n}: the runs do not share the same labeled and validation cases.")
+    folders: Dict[str, str] = {}
+    for r in runs:
+        if r.results_dir in folders:
+            raise ProtocolError(f"{folders[r.results_dir]} and {r.name} share the results folder {r.results_dir}; "
+                                f"every run needs its own.")
+        folders[r.results_dir] = r.name
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -413,8 +512,10 @@ def train_command(spec: RunSpec, device: str, state: str) -> List[str]:
 
 
 def _planned(spec: RunSpec) -> Dict[str, Any]:
+    """The run's plan in its ``run.json``: the fields that must match for reuse, and its repeat index (which its
+    folder name already holds)."""
     d = asdict(spec)
-    return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in PLANNED_FIELDS}
+    return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in PLANNED_FIELDS + ("repeat",)}
 
 
 def _read_record(spec: RunSpec) -> Optional[Dict[str, Any]]:
@@ -668,18 +769,20 @@ def _nanmean(values: Sequence[float]) -> float:
 # ----------------------------------------------------------------------------------------------------
 def result_rows(runs: Sequence[RunSpec], evaluations: Sequence[Mapping[str, Any]],
                 records: Sequence[Mapping[str, Any]]) -> Tuple[List[str], List[List[Any]]]:
-    """(header, rows) of the results table, one row per run."""
+    """(header, rows) of the per-run results (the csv), one row per run: ``variant`` is the variant's NAME (empty
+    for the baseline and the -tr trainers), ``repeat`` the 0-based repeat index."""
     classes = list(evaluations[0]["dice"]) if evaluations else []
     with_hd95 = bool(evaluations) and "hd95" in evaluations[0]
-    header = ["trainer", "kind", "num_labeled", "num_unlabeled"] + [f"dice_{c}" for c in classes] + ["dice_mean"]
+    header = ["trainer", "variant", "kind", "num_labeled", "num_unlabeled", "repeat"] + \
+        [f"dice_{c}" for c in classes] + ["dice_mean"]
     if with_hd95:
         header += [f"hd95_{c}" for c in classes] + ["hd95_mean", "hd95_undefined"]
     header += [f"num_{evaluations[0]['evaluated_on'] if evaluations else 'validation'}", "train_seconds"]
     rows = []
     for spec, ev, rec in zip(runs, evaluations, records):
         unlabeled = f"{len(spec.unlabeled_cases)}{'+folder' if spec.uses_unlabeled_folder else ''}"
-        row = [spec.trainer, spec.kind, spec.num_labeled, unlabeled] + [ev["dice"][c] for c in classes] + \
-              [ev["dice_mean"]]
+        row = [spec.trainer, spec.variant or "", spec.kind, spec.num_labeled, unlabeled, spec.repeat] + \
+              [ev["dice"][c] for c in classes] + [ev["dice_mean"]]
         if with_hd95:
             row += [ev["hd95"][c] for c in classes] + [ev["hd95_mean"], ev["hd95_undefined"]]
         row += [len(ev["cases"]), int(round(sum(a["seconds"] for a in rec.get("attempts", []))))]
@@ -687,7 +790,53 @@ def result_rows(runs: Sequence[RunSpec], evaluations: Sequence[Mapping[str, Any]
     return header, rows
 
 
+@dataclass(frozen=True)
+class Spread:
+    """One result of a row and N over its repeats: the mean and the sample standard deviation (``None`` for a
+    single repeat, which has no spread to estimate)."""
+
+    values: Tuple[Any, ...]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values))
+
+    @property
+    def std(self) -> Optional[float]:
+        return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else None
+
+
+def _spread_column(column: str) -> bool:
+    """Columns that differ between the repeats of a run (its results); the others are the same for all of them."""
+    return column.startswith(("dice_", "hd95_")) or column == "train_seconds"
+
+
+def aggregate_rows(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Tuple[List[str], List[List[Any]]]:
+    """(header, rows) of the summary table (markdown, console, plot) from :func:`result_rows`: one row per row name
+    (the variant, else the trainer) and N, in the order they first appear, each result a :class:`Spread` over the
+    repeats. ``repeat`` becomes ``runs`` (how many repeats); ``variant`` is left out when no run is a variant."""
+    col = {c: i for i, c in enumerate(header)}
+    groups: Dict[Tuple[Any, ...], List[Sequence[Any]]] = {}
+    for row in rows:
+        groups.setdefault((row[col["trainer"]], row[col["variant"]], row[col["num_labeled"]]), []).append(row)
+    keep = [c for c in header if c != "variant" or any(row[col["variant"]] for row in rows)]
+    out = []
+    for members in groups.values():
+        out.append([len(members) if c == "repeat" else
+                    Spread(tuple(m[col[c]] for m in members)) if _spread_column(c) else members[0][col[c]]
+                    for c in keep])
+    return ["runs" if c == "repeat" else c for c in keep], out
+
+
 def _cell(value: Any) -> str:
+    if isinstance(value, Spread):
+        if value.std is None:
+            return _cell(value.values[0])
+        if not np.isfinite(value.mean):
+            return "nan"
+        if all(isinstance(v, int) for v in value.values):  # counts and seconds
+            return f"{value.mean:.1f} ± {value.std:.1f}"
+        return f"{value.mean:.4f} ± {value.std:.4f}"
     if isinstance(value, float):
         return "nan" if not np.isfinite(value) else f"{value:.4f}"
     return str(value)
@@ -702,6 +851,7 @@ def write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -
 
 def write_markdown(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]], title: str,
                    test: bool = False) -> None:
+    """The summary table (:func:`aggregate_rows`) with a note on where its numbers come from."""
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     source = ("nnU-Net's evaluation of each run's final checkpoint on the held-out test cases (`imagesTs` / "
@@ -709,29 +859,37 @@ def write_markdown(path: str, header: Sequence[str], rows: Sequence[Sequence[Any
               "nnU-Net's validation of each run (`validation/summary.json`, mean over the fold's validation cases)")
     lines += ["", f"Dice: {source}; HD95 in mm (both directions' 95th percentile surface distance, max of the "
               "two)."]
+    if any(isinstance(v, Spread) and v.std is not None for row in rows for v in row):
+        lines += ["", "`a ± b`: mean ± sample standard deviation over the `runs` independent trainings of the row "
+                  "(`--repeats`; one value per run in `fewlabel_results.csv`)."]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
-def plot_dice(path: str, runs: Sequence[RunSpec], evaluations: Sequence[Mapping[str, Any]], title: str) -> None:
-    """Mean foreground Dice against the number of labeled cases, one line per trainer."""
+def plot_dice(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]], title: str) -> None:
+    """Mean foreground Dice against the number of labeled cases from the summary table (:func:`aggregate_rows`),
+    one line per row name, error bars: the standard deviation over the repeats."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    col = {c: i for i, c in enumerate(header)}
+    names = [(row[col["variant"]] if "variant" in col else "") or row[col["trainer"]] for row in rows]
+    repeated = any(row[col["runs"]] > 1 for row in rows)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
-    trainers = list(dict.fromkeys(r.trainer for r in runs))
-    for t in trainers:
-        pts = sorted((r.num_labeled, ev["dice_mean"]) for r, ev in zip(runs, evaluations) if r.trainer == t)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=t)
-    counts = sorted({r.num_labeled for r in runs})
+    for name in dict.fromkeys(names):
+        pts = sorted(((row[col["num_labeled"]], row[col["dice_mean"]]) for n, row in zip(names, rows) if n == name),
+                     key=lambda p: p[0])
+        ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts], marker="o", capsize=3, label=name,
+                    yerr=[p[1].std or 0.0 for p in pts] if repeated else None)
+    counts = sorted({row[col["num_labeled"]] for row in rows})
     ax.set_xticks(counts)
     ax.set_xlabel("labeled training cases")
-    ax.set_ylabel("mean foreground Dice (validation)")
+    ax.set_ylabel(f"mean foreground Dice ({'test' if 'num_test' in col else 'validation'})")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title="mean ± std over the repeats" if repeated else None, title_fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -759,7 +917,8 @@ def run_protocol(settings: ProtocolSettings, log: Callable[[str], None] = print,
                  base_env: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
     """Plans, runs (or reuses) and evaluates every run; writes the table, plot and plan into ``outdir``.
 
-    Returns ``{"runs": [...RunSpec], "evaluations": [...], "records": [...], "files": {...}}``.
+    Returns ``{"runs": [...RunSpec], "evaluations": [...], "records": [...], "header", "rows": the per-run table
+    (csv), "summary_header", "summary_rows": the table per row and N over the repeats (markdown), "files": {...}}``.
     """
     runs = plan_runs(settings)
     check_plan(runs)
@@ -783,31 +942,34 @@ def run_protocol(settings: ProtocolSettings, log: Callable[[str], None] = print,
     test_set = held_out_test_set(runs[0].dataset) if settings.test else None  # checked before any training
     records, evaluations = [], []
     for i, spec in enumerate(runs):
-        log(f"[{i + 1}/{len(runs)}] {spec.trainer}, {spec.num_labeled} labeled / {len(spec.unlabeled_cases)} "
-            f"unlabeled, fold {spec.fold}")
+        log(f"[{i + 1}/{len(runs)}] {spec.row}" + (f" ({spec.trainer})" if spec.variant else "")
+            + (f", repeat {spec.repeat + 1}/{settings.repeats}" if settings.repeats > 1 else "")
+            + f", {spec.num_labeled} labeled / {len(spec.unlabeled_cases)} unlabeled, fold {spec.fold}")
         records.append(execute_run(spec, settings.device, env, log))
         if test_set is not None:
             predict_test_set(spec, test_set, settings.device, env, log)
         evaluations.append(evaluate_run(spec, settings.hd95, test_set))
     header, rows = result_rows(runs, evaluations, records)
+    summary_header, summary_rows = aggregate_rows(header, rows)
     title = f"Few-label protocol: {runs[0].dataset}, {settings.configuration}, fold {settings.fold}" + \
         (f", held-out test cases ({len(test_set.cases)})" if test_set is not None else "")
     files = {"csv": os.path.join(outdir, RESULTS_CSV), "markdown": os.path.join(outdir, RESULTS_MD),
              "png": os.path.join(outdir, RESULTS_PNG), "plan": os.path.join(outdir, PLAN_FILE)}
     write_csv(files["csv"], header, rows)
-    write_markdown(files["markdown"], header, rows, title, test=test_set is not None)
-    plot_dice(files["png"], runs, evaluations, title)
+    write_markdown(files["markdown"], summary_header, summary_rows, title, test=test_set is not None)
+    plot_dice(files["png"], summary_header, summary_rows, title)
     return {"runs": runs, "evaluations": evaluations, "records": records, "header": header, "rows": rows,
-            "files": files}
+            "summary_header": summary_header, "summary_rows": summary_rows, "files": files}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(
         prog="nnUNetv2_samssl_fewlabel",
         description="Few-label protocol: for each number N of labeled cases, train nnUNetTrainerLabeledSubset "
-                    "(plain nnU-Net on the N cases) and each semi-supervised trainer (same N labeled cases, the "
-                    "fold's other training cases unlabeled) with nnUNetv2_train, validate on the fold's "
-                    "validation cases, and tabulate/plot Dice (and HD95). Re-running resumes and reuses runs.")
+                    "(plain nnU-Net on the N cases) and each semi-supervised trainer and variant (same N labeled cases, "
+                    "the fold's other training cases unlabeled) with nnUNetv2_train, --repeats times each, validate "
+                    "on the fold's validation cases, and tabulate/plot Dice (and HD95). Re-running resumes and "
+                    "reuses runs.")
     parser.add_argument("-d", "--dataset", required=True, help="dataset name or id")
     parser.add_argument("-c", "--configuration", required=True, help="configuration, e.g. 3d_fullres")
     parser.add_argument("--labeled", type=int, nargs="+", required=True, help="numbers of labeled cases, e.g. 1 2 4")
@@ -828,8 +990,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--overrides", default="",
                         help="extra 'key=value ...' settings of the semi-supervised runs, e.g. 'ema_decay=0.999'")
     parser.add_argument("--set", nargs=2, action="append", default=[], metavar=("TRAINER", "OVERRIDES"),
-                        help="extra settings of one semi-supervised trainer, after --overrides, e.g. --set "
+                        help="extra settings of one -tr semi-supervised trainer, after --overrides, e.g. --set "
                              "nnUNetTrainerSemiSAM 'sam_checkpoint=/path/sam_med3d_turbo.pth' (repeatable)")
+    parser.add_argument("--variant", nargs=3, action="append", default=[], metavar=("NAME", "TRAINER", "OVERRIDES"),
+                        help="one more semi-supervised row: TRAINER with --overrides then OVERRIDES (not --set), "
+                             "named NAME in the results and its run folders (runs/NAME_N<n>), e.g. --variant "
+                             "mt_strong nnUNetTrainerMeanTeacher 'student_view=strong consistency_threshold=0.9' "
+                             "(repeatable)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="train every run this many times (default 1; nnU-Net on CPU is not seeded, so this "
+                             "measures the run-to-run spread); repeat r >= 1 goes to runs/<row>_N<n>_r<r>, the "
+                             "markdown table and the plot show mean ± std over the repeats")
     parser.add_argument("--labeled-from", nargs="+", default=(), metavar="CASE",
                         help="draw the labeled cases from these cases only (e.g. one site's), the fold's other "
                              "training cases stay unlabeled; case ids, or the cohorts.json of a shifted-cohort "
@@ -849,7 +1020,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         device=args.device, epochs=args.epochs, iters=args.iters, val_iters=args.val_iters, seed=args.seed,
         config=args.config, ssl_overrides=args.overrides, use_unlabeled_folder=args.use_unlabeled_folder,
         trainer_overrides={t: " ".join(text for name, text in args.set if name == t) for t, _ in args.set},
-        hd95=not args.no_hd95, test=args.test)
+        hd95=not args.no_hd95, test=args.test, variants=[Variant(*v) for v in args.variant],
+        repeats=args.repeats)
     try:
         settings.labeled_from = read_case_pool(args.labeled_from) if args.labeled_from else ()
         if args.dry_run:
@@ -860,7 +1032,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         result = run_protocol(settings)
     except (ProtocolError, ConfigError) as e:
         raise SystemExit(f"nnUNetv2_samssl_fewlabel: {e}")
-    header, rows = result["header"], result["rows"]
+    header, rows = result["summary_header"], result["summary_rows"]
     widths = [max(len(_cell(x)) for x in col) for col in zip(header, *rows)]
     for row in [header] + rows:
         print("  ".join(_cell(v).ljust(w) for v, w in zip(row, widths)))
