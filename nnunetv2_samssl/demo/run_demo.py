@@ -150,6 +150,30 @@ def main(argv: Sequence[str] = None) -> None:
                                         f"{args.iterations} iterations on CPU):"))
     with open(os.path.join(work, "demo_results.json"), "w") as f:  # null = class absent from every test case
         json.dump({t: {n: _json_number(v) for n, v in r.per_class.items()} for t, r in results.items()}, f, indent=2)
+    figure = demo_figure(raw, {t: os.path.join(work, "predictions", t) for t in results},
+                         os.path.join(work, "demo_heldout_slice.png"))
+    print(f"\nPicture of one held-out slice per trainer: {figure}")
+
+
+def demo_figure(raw_dataset_folder: str, prediction_folders: Dict[str, str], path: str) -> str:
+    """The picture of the first held-out case: its slice showing the most classes, each trainer's prediction."""
+    import SimpleITK as sitk
+    from nnunetv2_samssl.demo.figure import pick_slice, read_label_names, save_segmentation_figure
+
+    case_file = _case_files(os.path.join(raw_dataset_folder, "labelsTs"))[0]
+    case = case_file[:-len(FILE_ENDING)]
+
+    def read(file: str) -> np.ndarray:  # (z, y, x)
+        return sitk.GetArrayFromImage(sitk.ReadImage(file))
+
+    reference = read(os.path.join(raw_dataset_folder, "labelsTs", case_file))
+    image = read(os.path.join(raw_dataset_folder, "imagesTs", f"{case}_0000{FILE_ENDING}"))
+    z = pick_slice(reference)
+    with open(os.path.join(raw_dataset_folder, "dataset.json")) as f:
+        names = read_label_names(json.load(f))
+    panels = {trainer: read(os.path.join(folder, case_file))[z] for trainer, folder in prediction_folders.items()}
+    return save_segmentation_figure(path, image[z], reference[z], panels, names,
+                                    title=f"held-out case {case}, slice {z}: reference in white")
 
 
 if __name__ == "__main__":
