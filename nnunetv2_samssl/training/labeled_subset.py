@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Mapping, Tuple, Type
 
 import torch
 import yaml
+from torch import distributed as dist
 
 from nnunetv2_samssl.config.schema import CONFIG_ENV, OVERRIDES_ENV, Option, resolve_config
 from nnunetv2_samssl.config.settings import LABELED_SUBSET_LAYOUT, Settings, SettingsGroup, options_of
@@ -103,8 +104,17 @@ class LabeledSubsetMixin(nnUNetSeam):
 
     # ------------------------------------------------------------------ the subset
     def do_split(self):
-        """nnU-Net's split of the fold, with the training cases narrowed to the labeled subset."""
-        tr_keys, val_keys = super().do_split()
+        """nnU-Net's split of the fold, with the training cases narrowed to the labeled subset. Under DDP rank 0
+        splits first: nnU-Net lets every rank write a missing ``splits_final.json``, and a rank reading it while
+        another writes it reads an empty file."""
+        if self.is_ddp:
+            if dist.get_rank() == 0:
+                tr_keys, val_keys = super().do_split()
+            dist.barrier()
+            if dist.get_rank() != 0:
+                tr_keys, val_keys = super().do_split()
+        else:
+            tr_keys, val_keys = super().do_split()
         subset = self.settings.labeled_subset
         labeled, demoted = choose_labeled_subset(tr_keys, subset.num_labeled, subset.labeled_cases,
                                                  subset.labeled_subset_seed)
