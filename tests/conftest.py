@@ -2,10 +2,12 @@
 
 ``tiny_dataset`` builds it once (synthetic 3D cases of 16 x 32 x 32 voxels, 6 labeled, 3 unlabeled,
 2 test) with nnU-Net's own planning and preprocessing in-process; ``nnunet_env`` gives each test a
-private copy of the three nnU-Net folders and points the environment variables at it.
+private copy of the three nnU-Net folders and points the environment variables at it. ``tiny_dataset_2d`` /
+``nnunet_env_2d``: the same with the ``2d`` configuration preprocessed too.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -49,15 +51,51 @@ def _set_env(e: NnunetEnv, monkeypatch=None):
             monkeypatch.setenv(k, v)
 
 
+@contextlib.contextmanager
+def pools_in_threads():
+    """nnU-Net's planning and preprocessing (and ``preprocess_unlabeled``) run their work in
+    ``multiprocessing.get_context("spawn").Pool``s, and list a dataset's files with a 12-process fork ``Pool``
+    (``nnunetv2.utilities.utils``); inside this block such a pool is a thread pool of the same size in this process.
+    Same functions, same arguments, same results (every case is computed on its own, with its own seeded random
+    state), without starting Python processes that import torch and nnU-Net again (seconds each) or forking this
+    one. For building test fixtures only: the code under test keeps its own pools."""
+    import multiprocessing
+    from multiprocessing.pool import ThreadPool
+
+    import nnunetv2.utilities.utils as nnunet_utils
+
+    real, real_fork_pool = multiprocessing.get_context, nnunet_utils.Pool
+
+    class _Context:
+        def __init__(self, context):
+            self._context = context
+
+        def Pool(self, processes=None, *args, **kwargs):  # noqa: N802 (multiprocessing's name)
+            return ThreadPool(processes, *args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self._context, name)
+
+    multiprocessing.get_context = lambda method=None: _Context(real(method))
+    nnunet_utils.Pool = ThreadPool
+    try:
+        yield
+    finally:
+        multiprocessing.get_context = real
+        nnunet_utils.Pool = real_fork_pool
+
+
 def build_session_dataset(tmp_path_factory, prefix: str, build, env_class=NnunetEnv) -> NnunetEnv:
     """Runs ``build(raw_folder)`` once with the nnU-Net environment variables pointing at a fresh root (they are
-    restored afterwards) and returns that root as an ``env_class``."""
+    restored afterwards) and returns that root as an ``env_class``. nnU-Net's worker pools run as threads here
+    (:func:`pools_in_threads`)."""
     root = str(tmp_path_factory.mktemp(prefix))
     e = env_class(root, os.path.join(root, "raw"), os.path.join(root, "preprocessed"), os.path.join(root, "results"))
     old = {k: os.environ.get(k) for k in e.env()}
     _set_env(e)
     try:
-        build(e.raw)
+        with pools_in_threads():
+            build(e.raw)
         os.makedirs(e.results, exist_ok=True)
     finally:
         for k, v in old.items():
@@ -102,6 +140,27 @@ def tiny_dataset(tmp_path_factory) -> NnunetEnv:
 def nnunet_env(tiny_dataset, tmp_path, monkeypatch) -> NnunetEnv:
     """A private, writable copy of the tiny dataset's folders; environment variables point at it."""
     return private_copy(tiny_dataset, tmp_path, monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_2d(tiny_dataset, tmp_path_factory) -> NnunetEnv:
+    """The tiny dataset with its ``2d`` configuration preprocessed as well (nnU-Net's ``preprocess``, what
+    ``nnUNetv2_preprocess -d 977 -c 2d`` runs), once per session. Its unlabeled images are preprocessed for
+    3d_fullres only, as in ``tiny_dataset``."""
+    def build(raw: str) -> None:
+        root = os.path.dirname(raw)
+        for sub in ("raw", "preprocessed"):
+            shutil.copytree(os.path.join(tiny_dataset.root, sub), os.path.join(root, sub))
+        from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess
+        preprocess([DATASET_ID], configurations=("2d",), num_processes=(1,), verbose=False)
+
+    return build_session_dataset(tmp_path_factory, "nnunet_tiny_2d", build)
+
+
+@pytest.fixture
+def nnunet_env_2d(tiny_dataset_2d, tmp_path, monkeypatch) -> NnunetEnv:
+    """A private, writable copy of ``tiny_dataset_2d``'s folders; environment variables point at it."""
+    return private_copy(tiny_dataset_2d, tmp_path, monkeypatch)
 
 
 class OtherDatasetEnv(NnunetEnv):

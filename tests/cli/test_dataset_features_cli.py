@@ -19,5 +19,5 @@ def test_ignore_label_dataset_through_the_stock_cli(sparse_env, tmp_path):
     pred = str(tmp_path / "pred")
     run_cli(["nnUNetv2_predict", "-i", os.path.join(sparse_env.dataset_raw, "imagesUnlabeled"), "-o", pred, "-d",
              str(SPARSE_ID), "-c", "3d_fullres", "-tr", "nnUNetTrainerMeanTeacher", "-f", "0", "-device", "cpu",
-             "-npp", "1", "-nps", "1", "--disable_tta"], cli_env(sparse_env))
+             "-npp", "0", "-nps", "0", "--disable_tta"], cli_env(sparse_env))
     assert len([f for f in os.listdir(pred) if f.endswith(".nii.gz")]) == 3

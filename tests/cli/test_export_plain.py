@@ -214,7 +214,7 @@ def test_plain_nnunet_predicts_like_the_package(nnunet_env, tmp_path):
     assert _equal(exported["network_weights"], teacher) and _differs(exported["network_weights"], student)
 
     images = os.path.join(nnunet_env.dataset_raw, "imagesTs")
-    predict = ["-i", images, "-d", DATASET_NAME, "-c", CONFIG, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
+    predict = ["-i", images, "-d", DATASET_NAME, "-c", CONFIG, "-f", "0", "-device", "cpu", "-npp", "0", "-nps", "0",
                "--save_probabilities", "--disable_tta"]
     with_package = str(tmp_path / "pred_package")
     _run(["nnUNetv2_predict", *predict, "-o", with_package, "-tr", TRAINER], _env(nnunet_env.env()))

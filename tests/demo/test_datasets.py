@@ -163,20 +163,25 @@ def test_demo_passes_nnunet_case_checks(demo_folder, capsys):
 
 @pytest.mark.slow
 def test_demo_passes_nnunet_plan_and_preprocess(demo_folder, tmp_path, monkeypatch):
-    """nnU-Net's integrity check, fingerprint extractor, planner and preprocessor accept the dataset
-    (~20-70 s on 2 cores, mostly spawning worker processes)."""
+    """nnU-Net's integrity check, fingerprint extractor, planner and preprocessor accept the dataset. Their worker
+    pools run as threads of this process (conftest.pools_in_threads: the same per-case functions, without
+    spawning Python processes that import torch again, which took most of the former 20-70 s on 2 cores)."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
                                                                       plan_experiment_dataset, preprocess_dataset)
 
+    from conftest import pools_in_threads
+
     _set_nnunet_paths(monkeypatch, demo_folder.parent, tmp_path)
-    fingerprint = extract_fingerprint_dataset(951, num_processes=1, check_dataset_integrity=True,
-                                              show_progress_bar=False)
-    assert np.allclose(fingerprint["spacings"], [[2.0, 1.0, 1.0]] * 5)
-    plans, identifier = plan_experiment_dataset(951)
-    fullres = plans["configurations"]["3d_fullres"]
-    assert list(fullres["spacing"]) == [2.0, 1.0, 1.0]
-    assert fullres["normalization_schemes"] == ["ZScoreNormalization"]
-    preprocess_dataset(951, identifier, configurations=("3d_fullres",), num_processes=(1,), show_progress_bar=False)
+    with pools_in_threads():
+        fingerprint = extract_fingerprint_dataset(951, num_processes=1, check_dataset_integrity=True,
+                                                  show_progress_bar=False)
+        assert np.allclose(fingerprint["spacings"], [[2.0, 1.0, 1.0]] * 5)
+        plans, identifier = plan_experiment_dataset(951)
+        fullres = plans["configurations"]["3d_fullres"]
+        assert list(fullres["spacing"]) == [2.0, 1.0, 1.0]
+        assert fullres["normalization_schemes"] == ["ZScoreNormalization"]
+        preprocess_dataset(951, identifier, configurations=("3d_fullres",), num_processes=(1,),
+                           show_progress_bar=False)
     out = tmp_path / "preprocessed" / demo_folder.name / fullres["data_identifier"]
     assert sorted(p.name for p in out.glob("*_seg.b2nd")) == [f"tr_{i:03d}_seg.b2nd" for i in range(5)]
 

@@ -86,8 +86,8 @@ def _train(trainer_class, env, **settings):
 
 def _predict(env, trainer_name, out):
     run_cli(["nnUNetv2_predict", "-i", os.path.join(env.dataset_raw, "imagesUnlabeled"), "-o", out, "-d",
-             str(BRATS_ID), "-c", "3d_fullres", "-tr", trainer_name, "-f", "0", "-device", "cpu", "-npp", "1", "-nps",
-             "1", "--disable_tta"], cli_env(env))
+             str(BRATS_ID), "-c", "3d_fullres", "-tr", trainer_name, "-f", "0", "-device", "cpu", "-npp", "0", "-nps",
+             "0", "--disable_tta"], cli_env(env))
     return [sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, f))) for f in sorted(os.listdir(out))
             if f.endswith(".nii.gz")]
 

@@ -4,20 +4,17 @@ import os
 import blosc2
 import numpy as np
 
-from conftest import DATASET_ID
 from sam_fakes import SPACE_2D, FakeSam
 from trainer_helpers import make_trainer, seed_everything
 from nnunetv2_samssl.training.nnUNetTrainerSemiSAM import nnUNetTrainerSemiSAM
 
 
-def test_2d_configuration_labels_every_slice_of_whole_cases(nnunet_env, monkeypatch):
+def test_2d_configuration_labels_every_slice_of_whole_cases(nnunet_env_2d, monkeypatch):
     import nnunetv2_samssl.sam.registry as registry
     fake = FakeSam(SPACE_2D)
     monkeypatch.setattr(registry, "build_promptable_model", lambda *a, **k: fake)
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess
-    preprocess([DATASET_ID], configurations=("2d",), num_processes=(1,), verbose=False)
-    seed_everything(0)
-    trainer = make_trainer(nnUNetTrainerSemiSAM, nnunet_env, configuration="2d", sam_backend="sam2d_vit_b",
+    seed_everything(0)  # the tiny dataset with its 2d configuration preprocessed (conftest.tiny_dataset_2d)
+    trainer = make_trainer(nnUNetTrainerSemiSAM, nnunet_env_2d, configuration="2d", sam_backend="sam2d_vit_b",
                            sam_random_init=True, sam_num_clicks=2, sam_pseudo_labels="cached",
                            sam_cache_refresh_epochs=1, num_labeled=2, use_unlabeled_folder=False)
     trainer.on_train_start()

@@ -113,7 +113,7 @@ def test_stock_cli_finetunes_trains_and_predicts(nnunet_env, tmp_path):
     assert "SAM pseudo-labels epoch_0000" in out
     pred = str(tmp_path / "pred")
     run_cli(["nnUNetv2_predict", "-i", os.path.join(nnunet_env.dataset_raw, "imagesTs"), "-o", pred, "-d", "977",
-             "-c", "3d_fullres", "-tr", "nnUNetTrainerSFR", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
+             "-c", "3d_fullres", "-tr", "nnUNetTrainerSFR", "-f", "0", "-device", "cpu", "-npp", "0", "-nps", "0",
              "--disable_tta"], cli_env(nnunet_env))
     assert sorted(f for f in os.listdir(pred) if f.endswith(".nii.gz")) == ["ts_000.nii.gz", "ts_001.nii.gz"]
 
