@@ -76,7 +76,7 @@ def save_segmentation_figure(path: str, image: np.ndarray, reference: np.ndarray
     legend.get_frame().set_facecolor("#888888")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.08, 1, 0.9 if title else 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
