@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 
@@ -50,7 +51,9 @@ def build_preprocessed(raw: str) -> None:
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
                                                                       preprocess)
     from nnunetv2_samssl.data.unlabeled_preprocessing import preprocess_unlabeled
+    from conftest import set_network_widths
     extract_fingerprints([BRATS_ID], num_processes=1, check_dataset_integrity=True, clean=True, verbose=False)
     plan_experiments([BRATS_ID])
+    set_network_widths(os.path.join(os.environ["nnUNet_preprocessed"], BRATS_NAME), 8, 64)  # fast CPU steps
     preprocess([BRATS_ID], configurations=("3d_fullres",), num_processes=(1,), verbose=False)
     preprocess_unlabeled(BRATS_ID, "3d_fullres", num_processes=1, verbose=False)

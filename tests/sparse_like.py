@@ -34,7 +34,9 @@ def build_preprocessed(raw: str) -> None:
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
                                                                       preprocess)
     from nnunetv2_samssl.data.unlabeled_preprocessing import preprocess_unlabeled
+    from conftest import set_network_widths
     extract_fingerprints([SPARSE_ID], num_processes=1, check_dataset_integrity=True, clean=True, verbose=False)
     plan_experiments([SPARSE_ID])
+    set_network_widths(os.path.join(os.environ["nnUNet_preprocessed"], SPARSE_NAME), 8, 64)  # fast CPU steps
     preprocess([SPARSE_ID], configurations=("3d_fullres",), num_processes=(1,), verbose=False)
     preprocess_unlabeled(SPARSE_ID, "3d_fullres", num_processes=1, verbose=False)

@@ -13,7 +13,7 @@ from PIL import Image
 from nnunetv2_samssl.data.unlabeled_preprocessing import (UnlabeledDataError, collect_unlabeled_cases, image_problem,
                                                           main, preprocess_unlabeled, unlabeled_preprocessed_folder)
 from cli_helpers import cli_env as _env, run_cli as _run
-from conftest import OtherDatasetEnv, build_session_dataset, private_copy
+from conftest import OtherDatasetEnv, build_session_dataset, private_copy, set_network_widths
 
 RGB_ID = 976
 RGB_NAME = "Dataset976_RGBTiny"
@@ -74,6 +74,7 @@ def _plan_and_preprocess(raw: str) -> None:
     extractor.num_foreground_voxels_for_intensitystats = 10 ** 5  # nnU-Net samples 10^8 values: seconds per case
     extractor.run()
     plan_experiments([RGB_ID])
+    set_network_widths(os.path.join(os.environ["nnUNet_preprocessed"], RGB_NAME), 8, 64)  # fast CPU steps
     preprocess([RGB_ID], configurations=("2d",), num_processes=(1,), verbose=False)
 
 
@@ -220,6 +221,7 @@ def test_stock_cli_plans_trains_mean_teacher_and_predicts_rgb_png(tmp_path):
     env = _env(e)
     _run(["nnUNetv2_plan_and_preprocess", "-d", str(RGB_ID), "-c", "2d", "-np", "1", "-npfp", "1",
           "--verify_dataset_integrity"], env)
+    set_network_widths(e.dataset_pp, 8, 64)  # a narrower U-Net than planned: fast CPU steps
     out = _run(["nnUNetv2_samssl_preprocess_unlabeled", "-d", str(RGB_ID), "-c", "2d", "-np", "1"], env)
     assert "4 unlabeled case(s), 0 already done, 4 to preprocess" in out
     settings = "num_epochs=1 num_iterations_per_epoch=3 num_val_iterations_per_epoch=1 unlabeled_batch_size=2"

@@ -28,7 +28,7 @@ import blosc2
 import pytest
 import torch
 
-from conftest import CONFIG, DATASET_ID, NnunetEnv
+from conftest import CONFIG, DATASET_ID, NnunetEnv, set_network_widths
 from ddp_cpu_rank import sha
 from trainer_helpers import SAM
 
@@ -113,30 +113,6 @@ def launch(phases: List[Phase], work: str, timeout: float = 600) -> Dict[str, Ru
                          for r in range(WORLD)]) for p in phases}
 
 
-def _small_network(e: NnunetEnv) -> None:
-    """Narrows the plans' U-Net (4..32 instead of 32..256 features per stage) so that CPU steps take
-    milliseconds. The preprocessed data does not depend on the architecture; the unlabeled images' manifest is
-    re-stamped for the changed plans (what re-running their preprocessing would write)."""
-    from nnunetv2_samssl.data.unlabeled_preprocessing import MANIFEST, configuration_fingerprint
-
-    plans_file = os.path.join(e.dataset_pp, "nnUNetPlans.json")
-    with open(plans_file) as f:
-        plans = json.load(f)
-    configuration = plans["configurations"][CONFIG]
-    arch = configuration["architecture"]["arch_kwargs"]
-    arch["features_per_stage"] = [min(4 * 2 ** i, 32) for i in range(len(arch["features_per_stage"]))]
-    with open(plans_file, "w") as f:
-        json.dump(plans, f, indent=2)
-    with open(os.path.join(e.dataset_pp, "dataset.json")) as f:
-        dataset_json = json.load(f)
-    manifest_file = os.path.join(e.dataset_pp, f"{configuration['data_identifier']}_unlabeled", MANIFEST)
-    with open(manifest_file) as f:
-        manifest = json.load(f)
-    manifest["fingerprint"] = configuration_fingerprint(configuration, dataset_json)
-    with open(manifest_file, "w") as f:
-        json.dump(manifest, f)
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_dataset, tmp_path_factory) -> Dict[str, Run]:
     """One launch of 2 CPU ranks running, one after the other (each a new trainer, process group and folder):
@@ -156,7 +132,7 @@ def runs(tiny_dataset, tmp_path_factory) -> Dict[str, Run]:
         e = NnunetEnv(root, os.path.join(root, "raw"), os.path.join(root, "preprocessed"),
                       os.path.join(root, "results"))
         os.makedirs(e.results)
-        _small_network(e)
+        set_network_widths(e.dataset_pp, 4, 32)  # CPU steps of milliseconds
         return e
 
     mt, mt_resume, semisam, subset = env("ddp_mt"), env("ddp_mt_resume"), env("ddp_semisam"), env("ddp_subset")
