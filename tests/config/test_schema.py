@@ -89,3 +89,12 @@ def test_saved_config_round_trips(tmp_path):
     f.write_text(yaml.safe_dump(cfg))
     again, _ = resolve(config=str(f))
     assert again == cfg
+
+
+def test_mean_teacher_strong_preset_changes_only_the_four_levers():
+    paper, _ = resolve_config(MEAN_TEACHER_SCHEMA, "mean_teacher", environ={})
+    strong, sources = resolve_config(MEAN_TEACHER_SCHEMA, "mean_teacher", config="mean_teacher_strong", environ={})
+    changed = {k: v for k, v in strong.items() if paper[k] != v}
+    assert changed == {"student_view": "strong", "consistency_loss": "hard_cross_entropy",
+                       "consistency_threshold": 0.9, "consistency_weight": 1.0}
+    assert any("mean_teacher_strong" in s for s in sources)
