@@ -173,6 +173,7 @@ class ProtocolSettings:
     test: bool = False  # also predict and score the raw dataset's held-out imagesTs / labelsTs cases
     variants: Sequence[Variant] = ()  # more semi-supervised rows: a trainer under a name, with its own settings
     repeats: int = 1  # independent trainings of every run
+    finished_only: bool = False  # tabulate the finished runs of the plan, train nothing
 
 
 def read_case_pool(values: Sequence[str]) -> Tuple[str, ...]:
@@ -913,6 +914,23 @@ def label_derived_normalization(plans: Mapping[str, Any], configuration: str) ->
             f"cases (or fix the statistics), then preprocess the others with those plans.")
 
 
+def finished_runs(runs: Sequence[RunSpec], log: Callable[[str], None] = print) -> List[RunSpec]:
+    """The runs of the plan that have finished (``run_state``), each other one named in the log; a
+    :class:`ProtocolError` when none has."""
+    done = []
+    for spec in runs:
+        state = run_state(spec)
+        if state == "finished":
+            done.append(spec)
+        else:
+            log(f"{spec.name}: {state}, left out of the table (--finished-only)")
+    if not done:
+        raise ProtocolError("No run of this plan has finished yet (--finished-only tabulates finished runs only); "
+                            "run the same command without --finished-only to train them.")
+    log(f"--finished-only: {len(done)} of the {len(runs)} planned runs have finished and are tabulated.")
+    return done
+
+
 def run_protocol(settings: ProtocolSettings, log: Callable[[str], None] = print,
                  base_env: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
     """Plans, runs (or reuses) and evaluates every run; writes the table, plot and plan into ``outdir``.
@@ -938,6 +956,8 @@ def run_protocol(settings: ProtocolSettings, log: Callable[[str], None] = print,
     os.makedirs(outdir, exist_ok=True)
     with open(os.path.join(outdir, PLAN_FILE), "w") as f:
         json.dump([asdict(r) for r in runs], f, indent=2)
+    if settings.finished_only:
+        runs = finished_runs(runs, log)
     env = dict(os.environ if base_env is None else base_env)
     test_set = held_out_test_set(runs[0].dataset) if settings.test else None  # checked before any training
     records, evaluations = [], []
@@ -1012,6 +1032,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--use-unlabeled-folder", action="store_true",
                         help="semi-supervised runs also use the preprocessed imagesUnlabeled cases")
     parser.add_argument("--no-hd95", action="store_true", help="skip the HD95 computation")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="train nothing: tabulate (and with --test score) the runs of this plan that have "
+                             "finished, e.g. while a long protocol is still running or after it was stopped; the "
+                             "'runs' column says how many repeats each row has")
     parser.add_argument("--dry-run", action="store_true", help="print the plan of runs and exit")
     args = parser.parse_args(argv)
     settings = ProtocolSettings(
@@ -1021,7 +1045,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         config=args.config, ssl_overrides=args.overrides, use_unlabeled_folder=args.use_unlabeled_folder,
         trainer_overrides={t: " ".join(text for name, text in args.set if name == t) for t, _ in args.set},
         hd95=not args.no_hd95, test=args.test, variants=[Variant(*v) for v in args.variant],
-        repeats=args.repeats)
+        repeats=args.repeats, finished_only=args.finished_only)
     try:
         settings.labeled_from = read_case_pool(args.labeled_from) if args.labeled_from else ()
         if args.dry_run:

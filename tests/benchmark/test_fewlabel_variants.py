@@ -282,3 +282,40 @@ def test_one_repeat_without_variants_keeps_the_table_as_it_was(tmp_path):
     assert "±" not in md and md.rstrip().endswith("max of the two).")
     fewlabel.plot_dice(str(tmp_path / "r.png"), summary_header, summary, "Title")
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_finished_only_tabulates_the_finished_runs_and_trains_nothing(nnunet_env, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    settings = _settings(out, labeled_counts=[1], repeats=2, finished_only=True,
+                         variants=[Variant("mt_w", MT, "consistency_weight=0.2")])
+    runs = fewlabel.plan_runs(settings)
+    assert len(runs) == 6  # (baseline, MT, mt_w) x 2 repeats
+
+    def no_training(cmd, *a, **kw):
+        raise AssertionError(f"--finished-only ran {cmd}")
+
+    monkeypatch.setattr(fewlabel.subprocess, "run", no_training)
+    scored = []
+
+    def evaluation(spec, hd95=True, test_set=None):
+        scored.append(spec.name)
+        return _evaluation(0.5, 0.5, 0.5 + 0.1 * spec.repeat, 1.0, 1.0, 1.0, 0)
+
+    monkeypatch.setattr(fewlabel, "evaluate_run", evaluation)
+    lines = []
+    with pytest.raises(ProtocolError, match="No run of this plan has finished"):
+        fewlabel.run_protocol(settings, log=lines.append)
+    for spec in (runs[0], runs[1], runs[3]):  # baseline and MT of repeat 0, baseline of repeat 1
+        _finish(spec)
+    os.makedirs(runs[2].output_folder, exist_ok=True)
+    open(os.path.join(runs[2].output_folder, "checkpoint_latest.pth"), "w").close()  # mt_w r0: interrupted
+    lines = []
+    result = fewlabel.run_protocol(settings, log=lines.append)
+    assert [r.name for r in result["runs"]] == [runs[0].name, runs[1].name, runs[3].name] == scored
+    assert f"{runs[2].name}: interrupted, left out of the table (--finished-only)" in lines
+    assert f"{runs[4].name}: new, left out of the table (--finished-only)" in lines
+    assert "--finished-only: 3 of the 6 planned runs have finished and are tabulated." in lines
+    runs_column = result["summary_header"].index("runs")
+    assert {r[0]: r[runs_column] for r in result["summary_rows"]} == {LS: 2, MT: 1}
+    assert "variant" not in result["summary_header"]  # no finished variant run
+    assert len(load_json(os.path.join(out, "plan.json"))) == 6  # the plan file keeps the whole plan
