@@ -8,10 +8,11 @@ BIN = os.path.dirname(sys.executable)
 
 def cli_env(paths, **extra) -> dict:
     """The current environment without this package's settings variables, the nnU-Net folders of ``paths`` (an
-    environment object with ``env()`` or a dict), single-process data loading, and ``extra``."""
+    environment object with ``env()`` or a dict), single-process data loading (``nnUNet_n_proc_DA=0``: nnU-Net's
+    SingleThreadedAugmenter, no worker processes to start), and ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_samssl")}
     env.update(paths.env() if hasattr(paths, "env") else paths)
-    env.update({"nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1", "nnUNet_compile": "0", "PYTHONUNBUFFERED": "1"})
+    env.update({"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnUNet_compile": "0", "PYTHONUNBUFFERED": "1"})
     env.update(extra)
     return env
 
@@ -39,9 +40,9 @@ def train_until_killed(args, env, fold_folder, log_path, epoch: int = 1, timeout
             if os.path.isfile(os.path.join(fold_folder, "checkpoint_latest.pth")) \
                     and f"Epoch {epoch}" in open(log_path).read():
                 break
-            time.sleep(0.5)
+            time.sleep(0.1)
         assert proc.poll() is None, "training ended before it could be killed:\n" + open(log_path).read()[-3000:]
-        time.sleep(2)
+        time.sleep(0.3)  # into the epoch's first steps
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     return open(log_path).read()

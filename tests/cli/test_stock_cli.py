@@ -30,7 +30,8 @@ def _kill_and_resume(env_paths, configuration, settings, tmp_path):
     """Train until killed mid-epoch 1, resume with a bare --c; returns the fold folder and the resumed output."""
     fold = os.path.join(env_paths.results, DATASET_NAME, f"{TRAINER}__nnUNetPlans__{configuration}", "fold_0")
     train = ["nnUNetv2_train", str(DATASET_ID), configuration, "0", "-tr", TRAINER, "-device", "cpu"]
-    log = train_until_killed(train, _env(env_paths, nnUNet_samssl_overrides=settings), fold,
+    # with data-loading worker processes (labeled and unlabeled), killed with the rest of the process group
+    log = train_until_killed(train, _env(env_paths, nnUNet_samssl_overrides=settings, nnUNet_n_proc_DA="1"), fold,
                              tmp_path / f"{configuration}.log")
     assert not os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
     # resume with a bare --c: the fold's saved settings are used, every part restored
@@ -61,7 +62,7 @@ def test_train_kill_resume_predict_find_best(nnunet_env, tmp_path):
     torch.manual_seed(0)
     weights = str(tmp_path / "tiny_sam_med3d.pth")
     torch.save(build_sam_med3d("tiny").state_dict(), weights)
-    settings = (f"num_epochs=2 num_iterations_per_epoch=3 num_val_iterations_per_epoch=1 cpac_warmup=0.2 "
+    settings = (f"num_epochs=2 num_iterations_per_epoch=10 num_val_iterations_per_epoch=1 cpac_warmup=0.2 "
                 f"cpac_cross_weight=0.3 sam_backend=sam_med3d sam_checkpoint={weights}")
     fold, train, out = _kill_and_resume(nnunet_env, "3d_fullres", settings, tmp_path)
     assert re.search(r"cpac_cross_loss [0-9.]+", out), out[-3000:]

@@ -219,8 +219,9 @@ def test_stock_cli_plans_trains_mean_teacher_and_predicts_rgb_png(tmp_path):
     write_rgb_dataset(e.raw)
     os.makedirs(e.results)
     env = _env(e)
+    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails on cli_env's 0
     _run(["nnUNetv2_plan_and_preprocess", "-d", str(RGB_ID), "-c", "2d", "-np", "1", "-npfp", "1",
-          "--verify_dataset_integrity"], env)
+          "--verify_dataset_integrity"], dict(env, nnUNet_n_proc_DA="1"))
     set_network_widths(e.dataset_pp, 8, 64)  # a narrower U-Net than planned: fast CPU steps
     out = _run(["nnUNetv2_samssl_preprocess_unlabeled", "-d", str(RGB_ID), "-c", "2d", "-np", "1"], env)
     assert "4 unlabeled case(s), 0 already done, 4 to preprocess" in out
