@@ -107,14 +107,12 @@ class LabeledSubsetMixin(nnUNetSeam):
         """nnU-Net's split of the fold, with the training cases narrowed to the labeled subset. Under DDP rank 0
         splits first: nnU-Net lets every rank write a missing ``splits_final.json``, and a rank reading it while
         another writes it reads an empty file."""
-        if self.is_ddp:
-            if dist.get_rank() == 0:
-                tr_keys, val_keys = super().do_split()
+        first = not self.is_ddp or dist.get_rank() == 0
+        if not first:
+            dist.barrier()  # ... until rank 0 has split (and written the file)
+        tr_keys, val_keys = super().do_split()
+        if self.is_ddp and first:
             dist.barrier()
-            if dist.get_rank() != 0:
-                tr_keys, val_keys = super().do_split()
-        else:
-            tr_keys, val_keys = super().do_split()
         subset = self.settings.labeled_subset
         labeled, demoted = choose_labeled_subset(tr_keys, subset.num_labeled, subset.labeled_cases,
                                                  subset.labeled_subset_seed)
