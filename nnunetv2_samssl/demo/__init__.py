@@ -1,7 +1,8 @@
 """Dataset builders for the demo and the few-label benchmark, written as nnU-Net v2 raw datasets.
 
 - :func:`make_demo_dataset` (``nnUNetv2_samssl_make_demo``): synthetic 3D organ + lesion volumes with
-  labeled, unlabeled (``imagesUnlabeled``) and held-out test (``imagesTs`` + ``labelsTs``) cases.
+  labeled, unlabeled (``imagesUnlabeled``) and held-out test (``imagesTs`` + ``labelsTs``) cases; with
+  ``shifted=True`` the labeled source-site cases differ from the unlabeled and test cases of three other sites.
 - :func:`make_fewlabel_dataset` (``nnUNetv2_samssl_make_fewlabel_dataset``): real MR anatomy (caudate,
   putamen, thalamus of the Colin 27 brain with AAL labels, Debian package ``mricron-data``) under random
   realistic shape and acquisition variation.

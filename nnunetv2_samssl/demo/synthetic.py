@@ -27,6 +27,17 @@ reference segmentations of ``imagesTs`` so that predictions can be scored with
 ``nnUNetv2_evaluate_folder``. ``imagesUnlabeled`` is read only by this package's unlabeled loader.
 The three prefixes ``tr_``, ``unl_`` and ``ts_`` keep case identifiers disjoint across the splits.
 
+Shifted cohorts (``shifted=True``, ``--shifted --num-source K``): a domain-shift variant for the demo. The
+first ``K`` labeled cases (``tr_000 .. tr_{K-1}``) come from one SOURCE site (strong contrast, little noise
+and bias), meant as the few labeled cases; every other labeled case, every unlabeled image and every test case
+comes from one of three TARGET sites, assigned round-robin per split: ``site_contrast`` (weaker organ and
+lesion contrast, strong bias field), ``site_lowres`` (more blur and noise: thicker slices, another coil) and
+``site_size`` (a smaller organ). In every shifted site the lesion is 1.2x larger than in the default draws (the
+demo's short training finds it). The builder then also writes ``cohorts.json`` (``source``, ``target`` per
+site, ``unlabeled_pool``, ``test``; the same keys as the real-anatomy builder's) and adds ``"shifted": true,
+"num_source": K`` to ``generator`` in ``dataset.json``. The ranges are :data:`SITE_APPEARANCE`. Default
+builds are unchanged by this option (same random draws, byte-identical files).
+
 Determinism: every case is drawn from its own random generator seeded by ``(seed, split, index)``, so
 the same arguments give byte-identical files, and e.g. asking for more unlabeled cases does not change
 the labeled ones.
@@ -59,6 +70,50 @@ DEMO_LABELS = {"background": 0, "organ": 1, "lesion": 2}
 
 # split codes mixed into the per-case seed; fixed forever so datasets stay reproducible
 _SPLIT_CODES = {LABELED_PREFIX: 1, UNLABELED_PREFIX: 2, TEST_PREFIX: 3}
+
+#: the ranges of the site-dependent draws of :func:`synthesize_case` (uniform ``(low, high)``; ``*_scale`` and
+#: ``bias``/``blur`` are fixed factors); the ``default`` site draws what the generator always drew
+DEFAULT_APPEARANCE: Dict[str, tuple] = {
+    "organ_contrast": (30.0, 50.0),   # organ above soft tissue
+    "lesion_contrast": (35.0, 60.0),  # lesion below the organ
+    "noise": (6.0, 12.0),             # Gaussian noise sigma
+    "bias": (0.25,),                  # amplitude of the log bias field
+    "blur": (0.7,),                   # partial-volume blur, voxels of the finest axis
+    "organ_scale": (1.0,),            # factor on the organ's semi-axes
+    "lesion_scale": (1.0,),           # factor on the lesion's semi-axes
+}
+#: what each site changes (module docstring)
+SITE_APPEARANCE: Dict[str, Dict[str, tuple]] = {
+    "default": {},
+    "source": {"organ_contrast": (40.0, 50.0), "lesion_contrast": (85.0, 95.0), "noise": (5.0, 7.0),
+               "bias": (0.1,), "lesion_scale": (1.2,)},
+    "site_contrast": {"organ_contrast": (14.0, 22.0), "lesion_contrast": (40.0, 50.0), "bias": (0.5,),
+                      "lesion_scale": (1.2,)},
+    "site_lowres": {"lesion_contrast": (70.0, 90.0), "noise": (12.0, 16.0), "blur": (1.4,), "lesion_scale": (1.2,)},
+    "site_size": {"lesion_contrast": (70.0, 90.0), "organ_scale": (0.75,), "lesion_scale": (1.2 * 0.85,)},
+}
+#: target sites of a shifted build, in round-robin order
+TARGET_SITES: Tuple[str, ...] = ("site_contrast", "site_lowres", "site_size")
+
+
+def site_appearance(site: str) -> Dict[str, tuple]:
+    """The draw ranges of ``site`` (a key of :data:`SITE_APPEARANCE`): the defaults with the site's changes."""
+    if site not in SITE_APPEARANCE:
+        raise ValueError(f"unknown site {site!r}; known: {sorted(SITE_APPEARANCE)}")
+    return {**DEFAULT_APPEARANCE, **SITE_APPEARANCE[site]}
+
+
+def case_site(prefix: str, index: int, num_source: Optional[int]) -> str:
+    """Site of case ``{prefix}_{index:03d}``: ``default`` when ``num_source`` is None (no shift); otherwise
+    ``source`` for the first ``num_source`` labeled cases and :data:`TARGET_SITES` round-robin for the other
+    cases, counted separately per split."""
+    if num_source is None:
+        return "default"
+    if prefix == LABELED_PREFIX:
+        if index < num_source:
+            return "source"
+        index -= num_source
+    return TARGET_SITES[index % len(TARGET_SITES)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -183,13 +238,15 @@ def _ellipsoid_radius(grid: np.ndarray, center: np.ndarray, semi_axes: np.ndarra
 
 
 def synthesize_case(rng: np.random.Generator, shape: Sequence[int] = (32, 48, 48),
-                    spacing: Sequence[float] = (2.0, 1.0, 1.0)) -> Tuple[np.ndarray, np.ndarray]:
+                    spacing: Sequence[float] = (2.0, 1.0, 1.0), site: str = "default") -> Tuple[np.ndarray, np.ndarray]:
     """Draw one synthetic case.
 
     Args:
         rng: the case's random generator (see :func:`case_rng`).
         shape: ``(Z, Y, X)`` voxels; each axis at least 16.
         spacing: ``(Z, Y, X)`` voxel size in mm.
+        site: the acquisition site (:data:`SITE_APPEARANCE`); every site makes the same number of random draws
+            in the same order, so a case's geometry differs between sites only by the site's size factors.
     Returns:
         ``image``: float32 ``(Z, Y, X)``, arbitrary scanner-like units (tissue ~ 100, air ~ 0, before a
         random per-case scale/offset); ``label``: uint8 ``(Z, Y, X)`` with 0 background, 1 organ,
@@ -201,6 +258,7 @@ def synthesize_case(rng: np.random.Generator, shape: Sequence[int] = (32, 48, 48
         raise ValueError(f"shape must be 3 axes of at least 16 voxels, got {shape}")
     if spacing.shape != (3,) or np.any(spacing <= 0):
         raise ValueError(f"spacing must be 3 positive numbers (mm), got {tuple(spacing)}")
+    look = site_appearance(site)
     grid = _grid_mm(shape, spacing)
     half_fov = np.asarray(shape) * spacing / 2.0  # mm from the centre to the volume border, per axis
     # object sizes scale with the smallest in-plane half field of view (24 mm at the defaults)
@@ -214,7 +272,7 @@ def synthesize_case(rng: np.random.Generator, shape: Sequence[int] = (32, 48, 48
     image = np.where(body, tissue, 0.0).astype(np.float32)
     image += body * 8.0 * smooth_random_field(rng, shape, (5, 6, 6))  # slow tissue heterogeneity
 
-    organ_level = tissue + rng.uniform(30.0, 50.0)
+    organ_level = tissue + rng.uniform(*look["organ_contrast"])
 
     # vessels: bright tubes through the body, painted before the organ so the organ overrides them
     for _ in range(rng.integers(2, 5)):
@@ -230,7 +288,7 @@ def synthesize_case(rng: np.random.Generator, shape: Sequence[int] = (32, 48, 48
     # organ: irregular ellipsoid, fully inside the body
     for _ in range(100):
         organ_axes = np.array([rng.uniform(0.3, 0.55) * min(half_fov[0], 1.4 * unit),
-                               *rng.uniform(0.3, 0.5, size=2) * unit])
+                               *rng.uniform(0.3, 0.5, size=2) * unit]) * look["organ_scale"][0]
         organ_rot = random_rotation(rng)
         reach = organ_axes.max() * 1.2
         margin = half_fov - reach
@@ -245,7 +303,7 @@ def synthesize_case(rng: np.random.Generator, shape: Sequence[int] = (32, 48, 48
 
     # lesion: small dark ellipsoid centred well inside the organ, clipped to the organ
     for _ in range(100):
-        lesion_axes = rng.uniform(0.14, 0.26, size=3) * unit
+        lesion_axes = rng.uniform(0.14, 0.26, size=3) * unit * look["lesion_scale"][0]
         u = rng.standard_normal(3)
         u *= rng.uniform(0.0, 0.4) / np.linalg.norm(u)
         lesion_center = organ_center + organ_rot @ (u * organ_axes)
@@ -257,7 +315,7 @@ def synthesize_case(rng: np.random.Generator, shape: Sequence[int] = (32, 48, 48
 
     image[organ] = organ_level
     image[organ] += 6.0 * smooth_random_field(rng, shape, (8, 10, 10))[organ]  # parenchymal texture
-    lesion_level = organ_level - rng.uniform(35.0, 60.0)
+    lesion_level = organ_level - rng.uniform(*look["lesion_contrast"])
     image[lesion] = lesion_level
 
     # unlabeled look-alikes outside the organ: small bright blobs and dark cysts
@@ -272,9 +330,9 @@ def synthesize_case(rng: np.random.Generator, shape: Sequence[int] = (32, 48, 48
         image[blob] = (organ_level + rng.uniform(5.0, 20.0)) if kind == "blob" else (lesion_level + rng.uniform(-5, 5))
 
     # acquisition: partial-volume blur, bias field, noise, scanner scale/offset
-    image = ndimage.gaussian_filter(image, sigma=0.7 / spacing * spacing.min())
-    image *= np.exp(0.25 * smooth_random_field(rng, shape, (3, 3, 3)))
-    image += rng.normal(0.0, rng.uniform(6.0, 12.0), size=shape)
+    image = ndimage.gaussian_filter(image, sigma=look["blur"][0] / spacing * spacing.min())
+    image *= np.exp(look["bias"][0] * smooth_random_field(rng, shape, (3, 3, 3)))
+    image += rng.normal(0.0, rng.uniform(*look["noise"]), size=shape)
     image = image * rng.uniform(0.7, 1.4) + rng.uniform(-20.0, 20.0)
 
     label = np.zeros(shape, dtype=np.uint8)
@@ -288,7 +346,8 @@ def synthesize_case(rng: np.random.Generator, shape: Sequence[int] = (32, 48, 48
 # ----------------------------------------------------------------------------------------------------
 def make_demo_dataset(nnunet_raw: str, dataset_id: int = 901, name: str = "SamsslDemo", num_labeled: int = 8,
                       num_unlabeled: int = 24, num_test: int = 8, shape: Sequence[int] = (32, 48, 48),
-                      spacing: Sequence[float] = (2.0, 1.0, 1.0), seed: int = 0, overwrite: bool = False) -> str:
+                      spacing: Sequence[float] = (2.0, 1.0, 1.0), seed: int = 0, overwrite: bool = False,
+                      shifted: bool = False, num_source: int = 4) -> str:
     """Write the synthetic demo dataset as an nnU-Net v2 raw dataset (layout in the module docstring).
 
     Args:
@@ -303,6 +362,10 @@ def make_demo_dataset(nnunet_raw: str, dataset_id: int = 901, name: str = "Samss
         spacing: ``(Z, Y, X)`` voxel size in mm.
         seed: base seed; same arguments give byte-identical files.
         overwrite: replace an existing folder of the same name.
+        shifted: build the shifted cohorts (module docstring): ``tr_000 .. tr_{num_source-1}`` from the source
+            site, all other cases from three target sites; also writes ``cohorts.json``. False (default) writes
+            exactly the unshifted dataset.
+        num_source: source cases among the labeled ones when ``shifted``, ``1 .. num_labeled``; ignored otherwise.
     Returns:
         The dataset folder path.
     """
@@ -310,6 +373,10 @@ def make_demo_dataset(nnunet_raw: str, dataset_id: int = 901, name: str = "Samss
         raise ValueError(f"num_labeled must be >= 1, got {num_labeled}")
     if num_unlabeled < 0 or num_test < 0:
         raise ValueError(f"num_unlabeled and num_test must be >= 0, got {num_unlabeled} and {num_test}")
+    if shifted and not 1 <= num_source <= num_labeled:
+        raise ValueError(f"num_source must be in 1..num_labeled = {num_labeled} with shifted=True, got {num_source}")
+    site_source_count = int(num_source) if shifted else None
+    sites: Dict[str, str] = {}
     Path(nnunet_raw).mkdir(parents=True, exist_ok=True)
     folder = prepare_dataset_folder(nnunet_raw, dataset_id, name,
                                     ["imagesTr", "labelsTr", UNLABELED_IMAGES_FOLDER, "imagesTs", TEST_LABELS_FOLDER],
@@ -320,23 +387,36 @@ def make_demo_dataset(nnunet_raw: str, dataset_id: int = 901, name: str = "Samss
     for prefix, count, image_dir, label_dir in splits:
         for index in range(count):
             case_id = f"{prefix}_{index:03d}"
-            image, label = synthesize_case(case_rng(seed, prefix, index), shape, spacing)
+            site = sites[case_id] = case_site(prefix, index, site_source_count)
+            image, label = synthesize_case(case_rng(seed, prefix, index), shape, spacing, site)
             write_volume(image, spacing, folder / image_dir / f"{case_id}_0000{FILE_ENDING}")
             if label_dir is not None:
                 write_volume(label, spacing, folder / label_dir / f"{case_id}{FILE_ENDING}")
 
+    description = ("Synthetic 3D demo data: an irregular ellipsoidal organ (1) with a darker lesion (2) among "
+                   "organ-bright vessels, blobs and lesion-dark cysts that are not labeled; bias field and noise.")
+    generator = {"seed": int(seed), "shape": [int(s) for s in shape], "spacing": [float(s) for s in spacing]}
+    if shifted:
+        generator.update(shifted=True, num_source=int(num_source))
+        description += (f" Shifted cohorts: tr_000..tr_{num_source - 1:03d} from one source site, all other cases "
+                        f"from the target sites {', '.join(TARGET_SITES)}; see cohorts.json.")
+        cohorts = {"source": [c for c, s in sites.items() if s == "source"],
+                   "target": {t: [c for c, s in sites.items() if s == t] for t in TARGET_SITES},
+                   "unlabeled_pool": [c for c, s in sites.items() if not c.startswith(f"{TEST_PREFIX}_")
+                                      and s != "source"],
+                   "test": [c for c in sites if c.startswith(f"{TEST_PREFIX}_")]}
+        (folder / "cohorts.json").write_text(json.dumps(cohorts, indent=2) + "\n")
     write_dataset_json(
         folder, {"0": "MR"}, DEMO_LABELS, num_labeled,
         name=folder.name,
-        description=("Synthetic 3D demo data: an irregular ellipsoidal organ (1) with a darker lesion (2) among "
-                     "organ-bright vessels, blobs and lesion-dark cysts that are not labeled; bias field and noise."),
+        description=description,
         licence="CC0-1.0 (synthetic data)",
         reference="nnunetv2_samssl.demo.synthetic",
         numTest=int(num_test),
         numUnlabeled=int(num_unlabeled),
         unlabeled_images_folder=UNLABELED_IMAGES_FOLDER,
         test_labels_folder=TEST_LABELS_FOLDER,
-        generator={"seed": int(seed), "shape": [int(s) for s in shape], "spacing": [float(s) for s in spacing]},
+        generator=generator,
     )
     return str(folder)
 
@@ -360,11 +440,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="voxel size in mm (default 2.0 1.0 1.0)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    parser.add_argument("--shifted", action="store_true",
+                        help="shifted cohorts: the first --num-source labeled cases from one source site, every other "
+                             "case from three target sites (writes cohorts.json)")
+    parser.add_argument("--num-source", type=int, default=None, help="source cases with --shifted (default 4)")
     args = parser.parse_args(argv)
     if not args.output:
         parser.error("no output folder: pass -o RAW_FOLDER or set nnUNet_raw")
+    if args.num_source is not None and not args.shifted:
+        parser.error("--num-source needs --shifted")
+    if args.shifted and args.num_source is not None and not 1 <= args.num_source <= args.num_labeled:
+        parser.error(f"--num-source must be in 1..--num-labeled = {args.num_labeled}, got {args.num_source}")
     folder = make_demo_dataset(args.output, args.dataset_id, args.name, args.num_labeled, args.num_unlabeled,
-                               args.num_test, tuple(args.shape), tuple(args.spacing), args.seed, args.overwrite)
+                               args.num_test, tuple(args.shape), tuple(args.spacing), args.seed, args.overwrite,
+                               args.shifted, 4 if args.num_source is None else args.num_source)
     print(folder)
 
 

@@ -12,6 +12,8 @@ from nnunetv2_samssl.demo.real_anatomy import ANATOMY_CLASSES, MIN_CLASS_VOXELS,
 from nnunetv2_samssl.demo.synthetic import make_demo_dataset
 
 SMALL_SHAPE = (20, 32, 32)
+# synthesize_case(case_rng(0, "tr", i)) for i = 0, 1 (image then label bytes), as built before sites existed
+EXPECTED_DEFAULT_DIGESTS = ["1555248463c6167b", "018546f8fbc16ae4"]
 
 
 def _read(path: Path) -> np.ndarray:
@@ -397,12 +399,74 @@ def test_fewlabel_shifted_sites_are_measurably_shifted(shifted_folder):
     _assert_sites_shifted(_shift_measurements(shifted_folder))
 
 
-def test_fewlabel_shifted_num_source_validated(tmp_path, capsys):
-    for bad in (0, 5):
+@pytest.mark.parametrize("builder", ["fewlabel", "demo"])
+def test_shifted_num_source_validated(builder, tmp_path, capsys):
+    """Both builders check num_source before writing anything, in the function and on the command line."""
+    build, main, count = {"fewlabel": (make_fewlabel_dataset, real_anatomy.main, "num_train"),
+                          "demo": (make_demo_dataset, synthetic.main, "num_labeled")}[builder]
+    for bad in (0, 4):
         with pytest.raises(ValueError, match="num_source"):
-            make_fewlabel_dataset(str(tmp_path / "raw"), num_train=5, shifted=True, num_source=bad)
+            build(str(tmp_path / "raw"), **{count: 3 if builder == "demo" else 4}, shifted=True, num_source=bad)
     assert not (tmp_path / "raw").exists()  # checked before anything is written
-    for argv in (["--num-source", "2"], ["--shifted", "--num-train", "3", "--num-source", "3"]):
+    flag = "--" + count.replace("_", "-")
+    for argv in (["--num-source", "2"], ["--shifted", flag, "3", "--num-source", "4" if builder == "demo" else "3"]):
         with pytest.raises(SystemExit) as exit_info:
-            real_anatomy.main(["-o", str(tmp_path / "raw"), *argv])
+            main(["-o", str(tmp_path / "raw"), *argv])
         assert exit_info.value.code == 2 and "num-source" in capsys.readouterr().err.replace("_", "-")
+
+
+# ----------------------------------------------------------------------------------------------------
+# synthetic demo dataset, shifted cohorts
+# ----------------------------------------------------------------------------------------------------
+def test_demo_shifted_cohorts(tmp_path, capsys):
+    folder = Path(make_demo_dataset(str(tmp_path / "raw"), dataset_id=952, num_labeled=5, num_unlabeled=4,
+                                    num_test=3, shape=SMALL_SHAPE, seed=3, shifted=True, num_source=2))
+    cohorts = json.loads((folder / "cohorts.json").read_text())
+    assert cohorts["source"] == ["tr_000", "tr_001"]
+    assert cohorts["target"] == {"site_contrast": ["tr_002", "unl_000", "unl_003", "ts_000"],
+                                 "site_lowres": ["tr_003", "unl_001", "ts_001"],
+                                 "site_size": ["tr_004", "unl_002", "ts_002"]}
+    assert cohorts["unlabeled_pool"] == ["tr_002", "tr_003", "tr_004", "unl_000", "unl_001", "unl_002", "unl_003"]
+    assert cohorts["test"] == ["ts_000", "ts_001", "ts_002"]
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta["generator"]["shifted"] is True and meta["generator"]["num_source"] == 2
+    _check_with_nnunet(folder, capsys)
+    # the unshifted build of the same arguments has no cohorts and the default site's files
+    plain = Path(make_demo_dataset(str(tmp_path / "plain"), dataset_id=952, num_labeled=5, num_unlabeled=4,
+                                   num_test=3, shape=SMALL_SHAPE, seed=3))
+    assert not (plain / "cohorts.json").exists() and "shifted" not in json.loads((plain / "dataset.json")
+                                                                                 .read_text())["generator"]
+
+
+def test_demo_sites_are_measurably_shifted():
+    """Each target site differs from the source site the way its name says, on the same random draws."""
+    from scipy import ndimage
+
+    def measure(site: str, index: int) -> tuple:
+        """(organ contrast against the tissue ring around the labels, in noise units; foreground voxels; lesion
+        voxels)"""
+        image, label = synthetic.synthesize_case(synthetic.case_rng(0, "ts", index), site=site)
+        ring = ndimage.binary_dilation(label > 0, iterations=4) & ~ndimage.binary_dilation(label > 0, iterations=2)
+        core = ndimage.binary_erosion(label == 1, iterations=1)
+        noise = np.std(image - ndimage.gaussian_filter(image, 1.0))
+        return (float((np.median(image[core]) - np.median(image[ring])) / noise), int((label > 0).sum()),
+                int((label == 2).sum()))
+
+    default_lesions, source_lesions = [], []
+    for index in range(4):
+        source, contrast, lowres, size = (measure(s, index) for s in ("source", *synthetic.TARGET_SITES))
+        assert contrast[0] < 0.7 * source[0]          # weaker organ contrast
+        assert lowres[0] < 0.7 * source[0]            # more noise (and blur) for the same contrast
+        assert size[1] < 0.6 * source[1]              # smaller organ (organ + lesion voxels)
+        source_lesions.append(source[2])
+        default_lesions.append(measure("default", index)[2])
+    assert np.median(source_lesions) > 1.4 * np.median(default_lesions)  # 1.2x the semi-axes: ~1.7x the volume
+    with pytest.raises(ValueError, match="unknown site"):
+        synthetic.synthesize_case(synthetic.case_rng(0, "ts", 0), site="nowhere")
+
+
+def test_demo_default_site_draws_are_unchanged():
+    """The site machinery leaves the default draws alone: checksums of the cases built before it existed."""
+    digests = [hashlib.sha256(b"".join(a.tobytes() for a in synthetic.synthesize_case(
+        synthetic.case_rng(0, "tr", i)))).hexdigest()[:16] for i in range(2)]
+    assert digests == EXPECTED_DEFAULT_DIGESTS
