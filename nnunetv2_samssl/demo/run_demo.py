@@ -316,6 +316,9 @@ def main(argv: Sequence[str] = None) -> None:
     if not os.path.isfile(os.path.join(raw, "dataset.json")):
         from nnunetv2_samssl.demo.synthetic import make_demo_dataset
         make_demo_dataset(folders["nnUNet_raw"], DATASET_ID, overwrite=True, **DATASET_CASES)
+    elif not os.path.isfile(os.path.join(raw, "cohorts.json")):
+        raise SystemExit(f"{raw} was written by an earlier version of the demo (no cohorts.json): delete {work} or "
+                         f"pass another --workdir.")
     if not os.path.isdir(os.path.join(folders["nnUNet_preprocessed"], DATASET, "nnUNetPlans_3d_fullres")):
         _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIG, "-np", "2"], env, log)
         pp = os.path.join(folders["nnUNet_preprocessed"], DATASET)

@@ -185,3 +185,13 @@ def test_sam_pseudo_labels_use_the_folds_saved_settings(tiny_dataset, tmp_path):
     with pytest.raises(Exception, match="nowhere"):
         run_demo.sam_pseudo_labels_of_predictions(str(fold), str(tiny_dataset.dataset_raw), str(tmp_path),
                                                   str(tmp_path / "sam"))
+
+
+def test_demo_refuses_a_work_folder_of_an_earlier_version(tmp_path, capsys):
+    """A work folder whose demo dataset has no cohorts (the unshifted demo) is named, with the fix, before any
+    step runs."""
+    make_demo_dataset(str(tmp_path / "nnUNet_raw"), dataset_id=run_demo.DATASET_ID, name="SamsslDemo", num_labeled=1,
+                      num_unlabeled=0, num_test=0, shape=(16, 16, 16))
+    with pytest.raises(SystemExit, match="earlier version of the demo .*delete .*--workdir"):
+        run_demo.main(["--workdir", str(tmp_path)])
+    assert not (tmp_path / "demo.log").exists()
