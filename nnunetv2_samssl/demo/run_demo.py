@@ -244,7 +244,8 @@ def gains_text(results: Mapping[str, FolderDice]) -> str:
     lines = [f"{name} vs labeled-only nnU-Net: {100 * (scores.mean - base.mean):+.1f} Dice points (mean)"
              for name, scores in results.items() if base is not None and name != "nnUNetTrainerLabeledSubset"]
     if lines:
-        lines.append("One short run on CPU, one seed: differences of a few points are within run-to-run noise.")
+        lines.append("One short run on CPU, one seed: not evidence of a gain. Repeated runs of this setup: "
+                     "examples/fewlabel/README.md (\"The demo's shifted cohorts, repeated\").")
     return "\n".join(lines)
 
 
