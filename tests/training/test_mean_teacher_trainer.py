@@ -49,6 +49,34 @@ def test_unlabeled_loss_really_changes_the_student_gradient(nnunet_env, monkeypa
     assert (diff2 - 2 * diff1).norm() < 1e-3 * diff1.norm()
 
 
+def test_supervised_gradient_is_nnunets(nnunet_env, monkeypatch):
+    """With the unlabeled terms weighted 0, Mean Teacher's gradient on a labeled batch is plain nnU-Net's
+    (``nnUNetTrainerLabeledSubset``, nnU-Net's own train_step) from the same weights: the fused labeled +
+    unlabeled forward, the loss and the deep-supervision weights leave the supervised part unchanged."""
+    from nnunetv2_samssl.training.nnUNetTrainerLabeledSubset import nnUNetTrainerLabeledSubset
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: None)
+    seed_everything(0)
+    trainer = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env)
+    trainer.on_train_start()
+    batch = next(trainer.dataloader_train)
+    x_u = trainer.next_unlabeled_batch()
+    mean_teacher = _grads(trainer, batch, x_u, 0.0)
+
+    plain = make_trainer(nnUNetTrainerLabeledSubset, nnunet_env)
+    plain.initialize()
+    plain.network.load_state_dict(trainer.network.state_dict())
+    plain.optimizer.zero_grad(set_to_none=True)
+    plain.optimizer.step = lambda *a, **k: None
+    plain.train_step(batch)
+    reference = [torch.zeros_like(p) if p.grad is None else p.grad for p in plain.network.parameters()]
+    assert len(reference) == len(mean_teacher)
+    flat_mt = torch.cat([g.flatten() for g in mean_teacher])
+    flat_ref = torch.cat([g.flatten() for g in reference])
+    assert flat_ref.norm() > 0
+    assert (flat_mt - flat_ref).norm() < 1e-4 * flat_ref.norm()
+
+
 def _corrupt_labels(env, cases):
     folder = os.path.join(env.dataset_pp, "nnUNetPlans_3d_fullres")
     rng = np.random.default_rng(0)
