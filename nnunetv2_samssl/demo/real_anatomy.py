@@ -67,7 +67,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
-import json
 import os
 import subprocess
 from dataclasses import dataclass
@@ -78,7 +77,9 @@ import numpy as np
 from scipy import ndimage
 
 from nnunetv2_samssl.demo.synthetic import (FILE_ENDING, TEST_LABELS_FOLDER, case_rng, prepare_dataset_folder,
-                                            random_rotation, smooth_random_field, write_dataset_json, write_volume)
+                                            random_rotation, smooth_random_field, write_cohorts, write_dataset_json,
+                                            write_volume)
+from nnunetv2_samssl.demo.synthetic import case_site as synthetic_case_site
 
 SOURCE_PACKAGE = "mricron-data"
 INSTALL_COMMAND = "apt-get update && apt-get install -y mricron-data"
@@ -213,13 +214,7 @@ def case_site(prefix: str, index: int, num_source: Optional[int]) -> str:
     """Site of case ``{prefix}_{index:03d}``: ``default`` when ``num_source`` is None (no shift); otherwise
     ``source`` for the first ``num_source`` training cases and :data:`TARGET_SITES` round-robin for the other
     training cases and for the test cases (counted separately per split)."""
-    if num_source is None:
-        return "default"
-    if prefix == "tr":
-        if index < num_source:
-            return "source"
-        index -= num_source
-    return TARGET_SITES[index % len(TARGET_SITES)]
+    return synthetic_case_site(prefix, index, num_source, TARGET_SITES)
 
 
 def _rotation_angle_deg(rotation: np.ndarray) -> float:
@@ -457,12 +452,7 @@ def make_fewlabel_dataset(nnunet_raw: str, dataset_id: int = 902, name: str = "S
         generator.update(shifted=True, num_source=int(num_source))
         description += (f" Shifted cohorts: tr_000..tr_{num_source - 1:03d} from one source site, all other cases "
                         f"from the target sites {', '.join(TARGET_SITES)}; see cohorts.json.")
-        source_ids = [c for c, s in sites.items() if s == "source"]
-        cohorts = {"source": source_ids,
-                   "target": {t: [c for c, s in sites.items() if s == t] for t in TARGET_SITES},
-                   "unlabeled_pool": [c for c, s in sites.items() if c.startswith("tr_") and s != "source"],
-                   "test": [c for c in sites if c.startswith("ts_")]}
-        (folder / "cohorts.json").write_text(json.dumps(cohorts, indent=2) + "\n")
+        write_cohorts(folder, sites, TARGET_SITES)
     write_dataset_json(
         folder, {"0": "T1"}, labels, num_train,
         name=folder.name,

@@ -395,7 +395,7 @@ def _read_labels(path: str) -> np.ndarray:
 def demo_figure(raw_dataset_folder: str, prediction_folders: Dict[str, str], path: str) -> str:
     """The picture of the first held-out case: its slice showing the most classes, each trainer's prediction."""
     import SimpleITK as sitk
-    from nnunetv2_samssl.demo.figure import pick_slice, read_label_names, save_segmentation_figure
+    from nnunetv2_samssl.demo.figure import pick_slice, save_segmentation_figure
 
     case = figure_case(raw_dataset_folder)
     case_file = case + FILE_ENDING
@@ -406,8 +406,7 @@ def demo_figure(raw_dataset_folder: str, prediction_folders: Dict[str, str], pat
     reference = read(os.path.join(raw_dataset_folder, "labelsTs", case_file))
     image = read(os.path.join(raw_dataset_folder, "imagesTs", f"{case}_0000{FILE_ENDING}"))
     z = pick_slice(reference)
-    with open(os.path.join(raw_dataset_folder, "dataset.json")) as f:
-        names = read_label_names(json.load(f))
+    names = read_label_names_of(raw_dataset_folder)
     panels = {trainer: read(os.path.join(folder, case_file))[z] for trainer, folder in prediction_folders.items()}
     return save_segmentation_figure(path, image[z], reference[z], panels, names,
                                     title=f"held-out case {case}, slice {z}: reference in white")

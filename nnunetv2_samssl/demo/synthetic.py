@@ -103,9 +103,10 @@ def site_appearance(site: str) -> Dict[str, tuple]:
     return {**DEFAULT_APPEARANCE, **SITE_APPEARANCE[site]}
 
 
-def case_site(prefix: str, index: int, num_source: Optional[int]) -> str:
+def case_site(prefix: str, index: int, num_source: Optional[int],
+              target_sites: Sequence[str] = TARGET_SITES) -> str:
     """Site of case ``{prefix}_{index:03d}``: ``default`` when ``num_source`` is None (no shift); otherwise
-    ``source`` for the first ``num_source`` labeled cases and :data:`TARGET_SITES` round-robin for the other
+    ``source`` for the first ``num_source`` labeled (``tr``) cases and ``target_sites`` round-robin for the other
     cases, counted separately per split."""
     if num_source is None:
         return "default"
@@ -113,7 +114,18 @@ def case_site(prefix: str, index: int, num_source: Optional[int]) -> str:
         if index < num_source:
             return "source"
         index -= num_source
-    return TARGET_SITES[index % len(TARGET_SITES)]
+    return target_sites[index % len(target_sites)]
+
+
+def write_cohorts(folder: Path, sites: Dict[str, str], target_sites: Sequence[str]) -> None:
+    """``cohorts.json`` of a shifted build from case id -> site: the ``source`` cases, the cases of each target
+    site, the ``unlabeled_pool`` (every non-test case outside the source site) and the ``test`` cases."""
+    test = [c for c in sites if c.startswith(f"{TEST_PREFIX}_")]
+    cohorts = {"source": [c for c, s in sites.items() if s == "source"],
+               "target": {t: [c for c, s in sites.items() if s == t] for t in target_sites},
+               "unlabeled_pool": [c for c, s in sites.items() if c not in test and s != "source"],
+               "test": test}
+    (folder / "cohorts.json").write_text(json.dumps(cohorts, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -400,12 +412,7 @@ def make_demo_dataset(nnunet_raw: str, dataset_id: int = 901, name: str = "Samss
         generator.update(shifted=True, num_source=int(num_source))
         description += (f" Shifted cohorts: tr_000..tr_{num_source - 1:03d} from one source site, all other cases "
                         f"from the target sites {', '.join(TARGET_SITES)}; see cohorts.json.")
-        cohorts = {"source": [c for c, s in sites.items() if s == "source"],
-                   "target": {t: [c for c, s in sites.items() if s == t] for t in TARGET_SITES},
-                   "unlabeled_pool": [c for c, s in sites.items() if not c.startswith(f"{TEST_PREFIX}_")
-                                      and s != "source"],
-                   "test": [c for c in sites if c.startswith(f"{TEST_PREFIX}_")]}
-        (folder / "cohorts.json").write_text(json.dumps(cohorts, indent=2) + "\n")
+        write_cohorts(folder, sites, TARGET_SITES)
     write_dataset_json(
         folder, {"0": "MR"}, DEMO_LABELS, num_labeled,
         name=folder.name,
