@@ -67,6 +67,7 @@ RESULTS_CSV = "fewlabel_results.csv"
 TEST_FOLDER = "test_predictions"  # in each run's fold folder: the held-out test predictions and summary.json
 RESULTS_MD = "fewlabel_results.md"
 RESULTS_PNG = "fewlabel_dice.png"
+COHORTS_FILE = "cohorts.json"  # a shifted-cohort dataset's sites (raw dataset folder)
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 # fields of a run that must match for a finished run folder to be reused
 PLANNED_FIELDS = ("trainer", "variant", "kind", "num_labeled", "labeled_cases", "unlabeled_cases",
@@ -603,6 +604,24 @@ class TestSet:
     labels: str
     cases: Tuple[str, ...]
     file_ending: str
+    sites: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()  # (site, its test cases) from cohorts.json's 'target'
+
+
+def test_sites(folder: str, cases: Sequence[str]) -> Tuple[Tuple[str, Tuple[str, ...]], ...]:
+    """The target sites of a shifted-cohort dataset (``cohorts.json`` in the raw dataset folder, ``target``:
+    site -> case ids) with the held-out ``cases`` each holds, sites without test cases left out; () when the
+    dataset has no ``cohorts.json``."""
+    path = os.path.join(folder, COHORTS_FILE)
+    if not os.path.isfile(path):
+        return ()
+    with open(path) as f:
+        target = json.load(f).get("target")
+    if not isinstance(target, dict) or not all(isinstance(v, list) for v in target.values()):
+        raise ProtocolError(f"{path}: 'target' must map each site to a list of case ids (as the shifted-cohort "
+                            f"builders write it); fix or remove the file.")
+    held_out = set(cases)
+    return tuple((str(site), tuple(c for c in members if c in held_out)) for site, members in target.items()
+                 if any(c in held_out for c in members))
 
 
 def held_out_test_set(dataset: str) -> TestSet:
@@ -623,7 +642,7 @@ def held_out_test_set(dataset: str) -> TestSet:
     missing = [c for c in cases if not os.path.isfile(os.path.join(images, f"{c}_0000{ending}"))]
     if missing:
         raise ProtocolError(f"--test: {images} has no images of the labelled test cases {missing[:5]}.")
-    return TestSet(images, labels, cases, ending)
+    return TestSet(images, labels, cases, ending, test_sites(folder, cases))
 
 
 def test_summary_file(spec: RunSpec) -> str:
@@ -734,6 +753,11 @@ def evaluate_run(spec: RunSpec, compute_hd95: bool = True, test_set: Optional[Te
     result: Dict[str, Any] = {"dice": {names.get(k, k): summary["mean"][k]["Dice"] for k in keys},
                               "dice_mean": summary["foreground_mean"]["Dice"], "cases": cases,
                               "evaluated_on": "validation" if test_set is None else "test"}
+    if test_set is not None and test_set.sites:
+        # per case: the mean over the classes; per site: the mean over its held-out cases
+        per_case = {os.path.basename(c["prediction_file"])[:-len(ending)]:
+                    _nanmean([c["metrics"][k]["Dice"] for k in keys]) for c in summary["metric_per_case"]}
+        result["dice_site"] = {site: _nanmean([per_case[c] for c in members]) for site, members in test_set.sites}
     if compute_hd95:
         plans_manager = PlansManager(os.path.join(base, spec.plans_identifier + ".json"))
         reader = plans_manager.image_reader_writer_class()
@@ -774,8 +798,9 @@ def result_rows(runs: Sequence[RunSpec], evaluations: Sequence[Mapping[str, Any]
     for the baseline and the -tr trainers), ``repeat`` the 0-based repeat index."""
     classes = list(evaluations[0]["dice"]) if evaluations else []
     with_hd95 = bool(evaluations) and "hd95" in evaluations[0]
+    sites = list(evaluations[0].get("dice_site", {})) if evaluations else []
     header = ["trainer", "variant", "kind", "num_labeled", "num_unlabeled", "repeat"] + \
-        [f"dice_{c}" for c in classes] + ["dice_mean"]
+        [f"dice_{c}" for c in classes] + ["dice_mean"] + [site_column(s) for s in sites]
     if with_hd95:
         header += [f"hd95_{c}" for c in classes] + ["hd95_mean", "hd95_undefined"]
     header += [f"num_{evaluations[0]['evaluated_on'] if evaluations else 'validation'}", "train_seconds"]
@@ -783,12 +808,18 @@ def result_rows(runs: Sequence[RunSpec], evaluations: Sequence[Mapping[str, Any]
     for spec, ev, rec in zip(runs, evaluations, records):
         unlabeled = f"{len(spec.unlabeled_cases)}{'+folder' if spec.uses_unlabeled_folder else ''}"
         row = [spec.trainer, spec.variant or "", spec.kind, spec.num_labeled, unlabeled, spec.repeat] + \
-              [ev["dice"][c] for c in classes] + [ev["dice_mean"]]
+              [ev["dice"][c] for c in classes] + [ev["dice_mean"]] + [ev["dice_site"][s] for s in sites]
         if with_hd95:
             row += [ev["hd95"][c] for c in classes] + [ev["hd95_mean"], ev["hd95_undefined"]]
         row += [len(ev["cases"]), int(round(sum(a["seconds"] for a in rec.get("attempts", []))))]
         rows.append(row)
     return header, rows
+
+
+def site_column(site: str) -> str:
+    """The results column of a site's Dice: ``dice_site_contrast`` for the site ``site_contrast`` (the builders'
+    names), ``dice_site_<site>`` for other names."""
+    return f"dice_site_{site[len('site_'):] if site.startswith('site_') else site}"
 
 
 @dataclass(frozen=True)
@@ -860,6 +891,9 @@ def write_markdown(path: str, header: Sequence[str], rows: Sequence[Sequence[Any
               "nnU-Net's validation of each run (`validation/summary.json`, mean over the fold's validation cases)")
     lines += ["", f"Dice: {source}; HD95 in mm (both directions' 95th percentile surface distance, max of the "
               "two)."]
+    if any(c.startswith("dice_site_") for c in header):
+        lines += ["", "`dice_site_*`: the test cases of one target site of `cohorts.json`, each case's mean over "
+                  "the classes, averaged over the site's cases."]
     if any(isinstance(v, Spread) and v.std is not None for row in rows for v in row):
         lines += ["", "`a ± b`: mean ± sample standard deviation over the `runs` independent trainings of the row "
                   "(`--repeats`; one value per run in `fewlabel_results.csv`)."]

@@ -319,3 +319,49 @@ def test_finished_only_tabulates_the_finished_runs_and_trains_nothing(nnunet_env
     assert {r[0]: r[runs_column] for r in result["summary_rows"]} == {LS: 2, MT: 1}
     assert "variant" not in result["summary_header"]  # no finished variant run
     assert len(load_json(os.path.join(out, "plan.json"))) == 6  # the plan file keeps the whole plan
+
+
+# per-site results of a shifted-cohort test set
+# ----------------------------------------------------------------------------------------------------
+def test_shifted_test_sets_are_scored_per_target_site(nnunet_env, tmp_path):
+    """With a cohorts.json in the raw dataset, each target site's held-out cases get a Dice column: the mean over
+    the site's cases of each case's mean over the classes (a class with no Dice, nan, left out of its case)."""
+    def save_json(content, path):  # in this order (batchgenerators' save_json sorts the keys)
+        with open(path, "w") as f:
+            json.dump(content, f)
+
+    assert fewlabel.held_out_test_set(DATASET_NAME).sites == ()  # no cohorts.json, no site columns
+    held_out = list(fewlabel.held_out_test_set(DATASET_NAME).cases)
+    assert len(held_out) == 2
+    a, b = held_out
+    cohorts = os.path.join(nnunet_env.dataset_raw, "cohorts.json")
+    save_json({"source": ["tr_000"], "target": {"site_contrast": [a, "unl_000"], "site_lowres": ["unl_001"],
+                                                 "other": [b]}}, cohorts)
+    test_set = fewlabel.held_out_test_set(DATASET_NAME)
+    assert test_set.sites == (("site_contrast", (a,)), ("other", (b,)))  # the site without test cases is left out
+
+    spec = dataclasses.replace(RUNS[0], results_dir=str(tmp_path / "run"))
+    ending = test_set.file_ending
+    per_case = {a: {"1": 0.8, "2": 0.2}, b: {"1": 0.6, "2": NAN}}
+    summary = {"mean": {"1": {"Dice": 0.7}, "2": {"Dice": 0.2}}, "foreground_mean": {"Dice": 0.45},
+               "metric_per_case": [{"prediction_file": f"/p/{c}{ending}", "reference_file": f"/r/{c}{ending}",
+                                    "metrics": {k: {"Dice": v} for k, v in m.items()}} for c, m in per_case.items()]}
+    os.makedirs(os.path.dirname(fewlabel.test_summary_file(spec)))
+    with open(fewlabel.test_summary_file(spec), "w") as f:
+        json.dump(summary, f)
+    ev = fewlabel.evaluate_run(spec, compute_hd95=False, test_set=test_set)
+    assert ev["dice_site"] == {"site_contrast": pytest.approx(0.5), "other": pytest.approx(0.6)}
+    assert ev["dice_mean"] == 0.45 and ev["dice"] == {"organ": 0.7, "lesion": 0.2}
+
+    header, rows = fewlabel.result_rows([spec], [ev], [{"attempts": [{"seconds": 10}]}])
+    assert header[header.index("dice_mean") + 1:header.index("num_test")] == ["dice_site_contrast",
+                                                                              "dice_site_other"]
+    assert rows[0][header.index("dice_site_contrast")] == pytest.approx(0.5)
+    summary_header, summary_rows = fewlabel.aggregate_rows(header, rows + rows)
+    assert summary_rows[0][summary_header.index("dice_site_other")].values == (pytest.approx(0.6),) * 2
+    fewlabel.write_markdown(str(tmp_path / "r.md"), summary_header, summary_rows, "T", test=True)
+    assert "`dice_site_*`: the test cases of one target site" in (tmp_path / "r.md").read_text()
+
+    save_json({"source": ["tr_000"], "target": [a, b]}, cohorts)
+    with pytest.raises(ProtocolError, match="'target' must map each site to a list"):
+        fewlabel.held_out_test_set(DATASET_NAME)
