@@ -48,12 +48,41 @@ def unlabeled_preprocessed_folder(preprocessed_dataset_folder_base: str, data_id
     return os.path.join(preprocessed_dataset_folder_base, data_identifier + UNLABELED_SUFFIX)
 
 
-def configuration_fingerprint(configuration: dict, dataset_json: dict) -> str:
-    """Hash of everything that shapes the preprocessed data (the configuration and the channel/label setup)."""
-    payload = json.dumps({"configuration": configuration,
+# What nnU-Net's preprocessing of an image (DefaultPreprocessor.run_case) reads from the plans. The network, patch
+# and batch size do not shape the data: plans files that share a data_identifier (nnU-Net's way of reusing
+# preprocessed data, e.g. a copy of nnUNetPlans.json with another batch size) share the unlabeled folder too.
+PREPROCESSING_KEYS = ("preprocessor_name", "spacing", "normalization_schemes", "use_mask_for_norm",
+                      "resampling_fn_data", "resampling_fn_data_kwargs")
+PLANS_PREPROCESSING_KEYS = ("transpose_forward", "foreground_intensity_properties_per_channel",
+                            "image_reader_writer")
+
+
+def configuration_fingerprint(plans: dict, configuration: str, dataset_json: dict) -> str:
+    """Hash of everything that shapes the preprocessed unlabeled images: the configuration's preprocessing keys
+    (inherited ones resolved, as nnU-Net resolves ``inherits_from``), the plans' transposition, intensity
+    statistics and reader, and the dataset's channels and file ending."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    resolved = PlansManager(plans).get_configuration(configuration).configuration
+    payload = json.dumps({"configuration": {k: resolved.get(k) for k in PREPROCESSING_KEYS},
+                          "plans": {k: plans.get(k) for k in PLANS_PREPROCESSING_KEYS},
                           "channels": dataset_json.get("channel_names", dataset_json.get("modality")),
                           "file_ending": dataset_json.get("file_ending")}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _legacy_fingerprint(configuration_dict: dict, dataset_json: dict) -> str:
+    """The fingerprint manifests written before :func:`configuration_fingerprint` (the whole raw configuration
+    dict): still accepted when it matches the current plans, so those folders are not preprocessed again."""
+    payload = json.dumps({"configuration": configuration_dict,
+                          "channels": dataset_json.get("channel_names", dataset_json.get("modality")),
+                          "file_ending": dataset_json.get("file_ending")}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def manifest_matches(manifest: dict, plans: dict, configuration: str, dataset_json: dict) -> bool:
+    """Whether a manifest's folder was preprocessed with what the current plans would do."""
+    return manifest.get("fingerprint") in (configuration_fingerprint(plans, configuration, dataset_json),
+                                           _legacy_fingerprint(plans["configurations"][configuration], dataset_json))
 
 
 def collect_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict, reader=None) -> Dict[str, List[str]]:
@@ -353,9 +382,10 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_identifie
         print(f"WARNING: {message} Kept because --allow_duplicates was given.", file=sys.stderr)
 
     out_folder = unlabeled_preprocessed_folder(pp_base, cm.data_identifier)
-    fingerprint = configuration_fingerprint(plans["configurations"][configuration], dataset_json)
+    fingerprint = configuration_fingerprint(plans, configuration, dataset_json)
     manifest_file = os.path.join(out_folder, MANIFEST)
-    if os.path.isfile(manifest_file) and load_json(manifest_file).get("fingerprint") != fingerprint:
+    if os.path.isfile(manifest_file) and not manifest_matches(load_json(manifest_file), plans, configuration,
+                                                              dataset_json):
         if verbose:
             print(f"{out_folder} was made with another configuration: preprocessing all unlabeled cases again.")
         shutil.rmtree(out_folder)
@@ -381,7 +411,7 @@ def preprocess_unlabeled(dataset_name_or_id, configuration: str, plans_identifie
     return out_folder
 
 
-def check_unlabeled_folder(out_folder: str, configuration_dict: dict, dataset_json: dict, dataset_name: str,
+def check_unlabeled_folder(out_folder: str, plans: dict, dataset_json: dict, dataset_name: str,
                            configuration: str, plans_identifier: str,
                            raw_dataset_folder: Optional[str] = None) -> List[str]:
     """Returns the preprocessed unlabeled case ids, or raises naming the command that fixes the folder.
@@ -397,7 +427,7 @@ def check_unlabeled_folder(out_folder: str, configuration_dict: dict, dataset_js
                                  f"({manifest_file} missing). {fix}")
     with open(manifest_file) as f:
         manifest = json.load(f)
-    if manifest.get("fingerprint") != configuration_fingerprint(configuration_dict, dataset_json):
+    if not manifest_matches(manifest, plans, configuration, dataset_json):
         raise UnlabeledDataError(f"{out_folder} was preprocessed with other plans than the current ones. {fix}")
     if raw_dataset_folder is not None:  # every raw case but those the preprocessing left out as unusable
         skipped = manifest.get("skipped", {})

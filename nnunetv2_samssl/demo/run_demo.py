@@ -77,10 +77,7 @@ def planned_widths(dataset_pp: str, configuration: str) -> List[int]:
 def set_network_widths(dataset_pp: str, first: int, widest: int) -> None:
     """Sets every configuration's U-Net in the dataset's nnUNetPlans.json to ``first``, 2 x ``first``, ...
     features per stage (at most ``widest``); stages, kernels, strides, patch and batch size stay as planned. The
-    preprocessed data does not depend on the widths; the unlabeled images' manifests, which fingerprint the
-    configuration, are re-stamped (what re-running their preprocessing would write)."""
-    from nnunetv2_samssl.data.unlabeled_preprocessing import MANIFEST, configuration_fingerprint
-
+    preprocessed data, the unlabeled images' included, does not depend on the widths."""
     plans_file = os.path.join(dataset_pp, "nnUNetPlans.json")
     with open(plans_file) as f:
         plans = json.load(f)
@@ -90,16 +87,6 @@ def set_network_widths(dataset_pp: str, first: int, widest: int) -> None:
             arch["features_per_stage"] = [min(first * 2 ** i, widest) for i in range(len(arch["features_per_stage"]))]
     with open(plans_file, "w") as f:
         json.dump(plans, f, indent=2)
-    with open(os.path.join(dataset_pp, "dataset.json")) as f:
-        dataset_json = json.load(f)
-    for configuration in plans["configurations"].values():
-        manifest_file = os.path.join(dataset_pp, f"{configuration.get('data_identifier')}_unlabeled", MANIFEST)
-        if os.path.isfile(manifest_file):
-            with open(manifest_file) as f:
-                manifest = json.load(f)
-            manifest["fingerprint"] = configuration_fingerprint(configuration, dataset_json)
-            with open(manifest_file, "w") as f:
-                json.dump(manifest, f)
 
 
 def _bin(name: str) -> str:

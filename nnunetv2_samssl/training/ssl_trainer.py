@@ -176,7 +176,7 @@ class nnUNetTrainerSSLBase(LabeledSubsetMixin, nnUNetTrainer):
         out = self._unlabeled_folder()
         if mode == "auto" and not raw_has_folder and not os.path.isdir(out):
             return []
-        return check_unlabeled_folder(out, self.plans_manager.plans["configurations"][self.configuration_name],
+        return check_unlabeled_folder(out, self.plans_manager.plans,
                                       self.dataset_json, self.plans_manager.dataset_name, self.configuration_name,
                                       self.plans_manager.plans_name, raw_dataset_folder=raw if raw_has_folder else None)
 

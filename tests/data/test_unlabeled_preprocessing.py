@@ -51,6 +51,58 @@ def test_other_plans_are_redone(nnunet_env, capsys):
     assert "another configuration" in capsys.readouterr().out
 
 
+def test_plans_sharing_the_data_identifier_share_the_folder(nnunet_env, capsys):
+    """nnU-Net reuses preprocessed data across plans files with one data_identifier (another network, patch or
+    batch size): so does the unlabeled folder. What shapes the data (spacing, normalisation, the plans' intensity
+    statistics) still makes it stale. Manifests of the earlier fingerprint (the whole configuration) are kept."""
+    import json
+    from batchgenerators.utilities.file_and_folder_operations import save_json
+    from nnunetv2_samssl.data.unlabeled_preprocessing import (_legacy_fingerprint, check_unlabeled_folder,
+                                                              configuration_fingerprint)
+    folder = out_folder(nnunet_env)
+    plans = load_json(os.path.join(nnunet_env.dataset_pp, "nnUNetPlans.json"))
+    dataset_json = load_json(os.path.join(nnunet_env.dataset_pp, "dataset.json"))
+    name = os.path.basename(nnunet_env.dataset_pp)
+
+    def check(p):
+        return check_unlabeled_folder(folder, p, dataset_json, name, CONFIG, p["plans_name"])
+
+    cases = check(plans)
+    other = json.loads(json.dumps(plans))
+    other["plans_name"] = "nnUNetPlansWide"
+    cfg = other["configurations"][CONFIG]
+    cfg["batch_size"] += 1
+    cfg["patch_size"] = [s // 2 * 2 for s in cfg["patch_size"]]
+    arch = cfg["architecture"]["arch_kwargs"]
+    arch["features_per_stage"] = [2 * f for f in arch["features_per_stage"]]
+    assert check(other) == cases
+    save_json(other, os.path.join(nnunet_env.dataset_pp, "nnUNetPlansWide.json"))
+    mtimes = {f: os.path.getmtime(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".b2nd")}
+    preprocess_unlabeled(DATASET_ID, CONFIG, plans_identifier="nnUNetPlansWide", num_processes=1)
+    assert f"{len(cases)} already done, 0 to preprocess" in capsys.readouterr().out
+    assert all(os.path.getmtime(os.path.join(folder, f)) == t for f, t in mtimes.items())
+
+    for change in ("spacing", "normalization", "intensities"):
+        stale = json.loads(json.dumps(plans))
+        if change == "spacing":
+            stale["configurations"][CONFIG]["spacing"][0] *= 2
+        elif change == "normalization":
+            stale["configurations"][CONFIG]["normalization_schemes"] = ["CTNormalization"]
+        else:
+            stale["foreground_intensity_properties_per_channel"]["0"]["mean"] += 1.0
+        with pytest.raises(UnlabeledDataError, match="preprocessed with other plans than the current ones"):
+            check(stale)
+
+    manifest_file = os.path.join(folder, "unlabeled_manifest.json")
+    manifest = load_json(manifest_file)
+    manifest["fingerprint"] = _legacy_fingerprint(plans["configurations"][CONFIG], dataset_json)
+    save_json(manifest, manifest_file)
+    assert check(plans) == cases
+    preprocess_unlabeled(DATASET_ID, CONFIG, num_processes=1)
+    assert f"{len(cases)} already done, 0 to preprocess" in capsys.readouterr().out
+    assert load_json(manifest_file)["fingerprint"] == configuration_fingerprint(plans, CONFIG, dataset_json)
+
+
 def _raw(env, *parts):
     return os.path.join(env.dataset_raw, *parts)
 
@@ -167,7 +219,7 @@ def test_unusable_unlabeled_images_stop_the_command_before_anything_is_written(n
     assert f"unl_bad: {problem}" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(folder, "unl_bad.pkl"))
     plans = load_json(os.path.join(nnunet_env.dataset_pp, "nnUNetPlans.json"))
-    cases = check_unlabeled_folder(folder, plans["configurations"][CONFIG],
+    cases = check_unlabeled_folder(folder, plans,
                                    load_json(os.path.join(nnunet_env.dataset_pp, "dataset.json")),
                                    "Dataset977_SamsslTiny", CONFIG, "nnUNetPlans", raw_dataset_folder=nnunet_env.dataset_raw)
     assert "unl_bad" not in cases and len(cases) == 3
