@@ -58,7 +58,7 @@ from nnunetv2_samssl.config.schema import CONFIG_ENV, OVERRIDES_ENV, ConfigError
 
 BASELINE_TRAINER = "nnUNetTrainerLabeledSubset"
 SCHEDULE_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr")
-PINNED_KEYS = ("num_labeled", "labeled_cases", "labeled_subset_seed", "use_unlabeled_folder")
+PINNED_KEYS = ("num_labeled", "labeled_cases", "labeled_subset_seed", "use_unlabeled_folder", "training_seed")
 RUNS_FOLDER = "runs"
 RUN_RECORD = "run.json"
 TRAIN_LOG = "nnUNetv2_train.log"
@@ -175,6 +175,7 @@ class ProtocolSettings:
     variants: Sequence[Variant] = ()  # more semi-supervised rows: a trainer under a name, with its own settings
     repeats: int = 1  # independent trainings of every run
     finished_only: bool = False  # tabulate the finished runs of the plan, train nothing
+    training_seed: Optional[int] = None  # repeat r of every row trains with training_seed + r (None: unseeded)
 
 
 def read_case_pool(values: Sequence[str]) -> Tuple[str, ...]:
@@ -344,7 +345,8 @@ def _row_settings(settings: ProtocolSettings, row: ProtocolRow, cli: Mapping[str
     clash = sorted(set(user) & set(PINNED_KEYS))
     if clash:
         raise ProtocolError(f"{row.name}: --overrides / --set / --variant must not set {clash}: the protocol chooses "
-                            f"the labeled cases itself (--labeled, --seed, --use-unlabeled-folder).")
+                            f"the labeled cases and the seeds itself (--labeled, --seed, --use-unlabeled-folder, "
+                            f"--training-seed).")
     cfg, _ = resolve_config(row.trainer.config_schema(), row.trainer.default_config, config=settings.config,
                             overrides={**user, **{k: v for k, v in cli.items() if v is not None}}, environ={})
     return cfg
@@ -422,6 +424,8 @@ def plan_runs(settings: ProtocolSettings) -> List[RunSpec]:
     for repeat in range(settings.repeats):
         for n, (labeled, rest) in subsets.items():
             pin = [format_override("num_labeled", None), format_override("labeled_cases", labeled)]
+            if settings.training_seed is not None:  # one seed per repeat, shared by every row: paired runs
+                pin.append(format_override("training_seed", settings.training_seed + repeat))
             for row in rows:
                 semi = row.kind == "semi-supervised"
                 tokens = schedule_tokens + pin
@@ -1038,6 +1042,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("-device", "--device", default="cuda", choices=("cuda", "cpu", "mps"), help="default cuda")
     parser.add_argument("-o", "--outdir", default=None, help="output folder (default ./fewlabel_<dataset>)")
     parser.add_argument("--seed", type=int, default=12345, help="seed of the choice of the labeled cases")
+    parser.add_argument("--training-seed", type=int, default=None,
+                        help="seeded runs: repeat r of every row trains with training_seed S + r, so the rows of one "
+                             "repeat start from the same weights and (nnUNet_n_proc_DA=1) see the same labeled "
+                             "patches; default: unseeded, as nnU-Net")
     parser.add_argument("--config", default=os.environ.get(CONFIG_ENV) or None,
                         help=f"settings of the semi-supervised runs (bundled name or YAML path; default "
                              f"${CONFIG_ENV}). ${OVERRIDES_ENV} is ignored: each run gets its own")
@@ -1079,7 +1087,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         config=args.config, ssl_overrides=args.overrides, use_unlabeled_folder=args.use_unlabeled_folder,
         trainer_overrides={t: " ".join(text for name, text in args.set if name == t) for t, _ in args.set},
         hd95=not args.no_hd95, test=args.test, variants=[Variant(*v) for v in args.variant],
-        repeats=args.repeats, finished_only=args.finished_only)
+        repeats=args.repeats, finished_only=args.finished_only, training_seed=args.training_seed)
     try:
         settings.labeled_from = read_case_pool(args.labeled_from) if args.labeled_from else ()
         if args.dry_run:

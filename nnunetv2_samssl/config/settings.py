@@ -100,6 +100,18 @@ class LabeledSubsetSettings(SettingsGroup):
 
 
 @dataclass(frozen=True)
+class SeedingSettings(SettingsGroup):
+    """Repeatable training (nnU-Net itself is not seeded)."""
+
+    training_seed: Optional[int] = _user(types=(int,), doc="Seed of the initial weights, the patch sampling and "
+                                         "augmentation (each loader worker seeded from it) and every other random "
+                                         "draw of training: a run is repeatable (CPU; nnUNet_n_proc_DA at most 1), "
+                                         "and trainers given one seed start from the same weights and, with "
+                                         "nnUNet_n_proc_DA 1, see the same labeled patches. null: unseeded, as "
+                                         "nnU-Net.", nullable=True, minimum=0)
+
+
+@dataclass(frozen=True)
 class UnlabeledSettings(SettingsGroup):
     """The unlabeled batch stream."""
 
@@ -456,7 +468,8 @@ def options_of(layout: Mapping[str, Type[SettingsGroup]]) -> Tuple[Option, ...]:
     return out
 
 
-LABELED_SUBSET_LAYOUT = {"training": TrainingSettings, "labeled_subset": LabeledSubsetSettings}
+LABELED_SUBSET_LAYOUT = {"training": TrainingSettings, "labeled_subset": LabeledSubsetSettings,
+                         "seeding": SeedingSettings}
 MEAN_TEACHER_LAYOUT = {**LABELED_SUBSET_LAYOUT, "unlabeled": UnlabeledSettings, "mean_teacher": MeanTeacherSettings}
 SEMISAM_LAYOUT = {**MEAN_TEACHER_LAYOUT, "sam_model": SamModelSettings, "sam_labeler": SamLabelerSettings,
                   "sam_loss": PseudoLabelLossSettings, "sam_source": SamSourceSettings, "selection": SelectionSettings}

@@ -1,7 +1,7 @@
 """The unlabeled batch stream: nnU-Net's ``nnUNetDataLoader`` + training augmentation, no foreground oversampling."""
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
@@ -21,11 +21,11 @@ def split_batch_size(global_batch_size: int, world_size: int, rank: int) -> int:
 
 def build_unlabeled_loader(dataset, batch_size: int, initial_patch_size: Sequence[int],
                            final_patch_size: Sequence[int], label_manager, transforms,
-                           num_processes: int, pin_memory: bool):
+                           num_processes: int, pin_memory: bool, seeds: Optional[Sequence[int]] = None):
     """An infinite iterator of dicts with ``data`` ``(b, C, *patch)`` (``target`` is a dummy, never use it).
 
     ``num_processes`` workers run the augmentation (0 = in the main process), separate from the
-    labeled loader's workers.
+    labeled loader's workers; ``seeds``: one per worker (``None``: unseeded, as nnU-Net's loaders).
     """
     loader = nnUNetDataLoader(dataset, batch_size, initial_patch_size, final_patch_size, label_manager,
                               oversample_foreground_percent=0.0, sampling_probabilities=None, pad_sides=None,
@@ -36,5 +36,6 @@ def build_unlabeled_loader(dataset, batch_size: int, initial_patch_size: Sequenc
     if num_processes == 0:
         return SingleThreadedAugmenter(loader, None)
     return NonDetMultiThreadedAugmenter(data_loader=loader, transform=None, num_processes=num_processes,
-                                        num_cached=max(6, num_processes // 2), seeds=None,
+                                        num_cached=max(6, num_processes // 2),
+                                        seeds=None if seeds is None else list(seeds[:num_processes]),
                                         pin_memory=pin_memory, wait_time=0.002)

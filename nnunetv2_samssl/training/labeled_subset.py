@@ -8,7 +8,8 @@
 - restricts the fold's training cases to the labeled subset by extending nnU-Net's ``do_split``; the other
   training cases (:attr:`demoted_cases`) are left out by the supervised baseline and used as unlabeled by the
   semi-supervised trainers;
-- saves the settings in force as ``samssl_config.yaml`` when training starts.
+- saves the settings in force as ``samssl_config.yaml`` when training starts;
+- with ``training_seed``, seeds the initial weights and every data stream (``seeding.py``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from nnunetv2_samssl.config.schema import CONFIG_ENV, OVERRIDES_ENV, Option, res
 from nnunetv2_samssl.config.settings import LABELED_SUBSET_LAYOUT, Settings, SettingsGroup, options_of
 from nnunetv2_samssl.data.splits import choose_labeled_subset
 from nnunetv2_samssl.training.nnunet_seam import nnUNetSeam
+from nnunetv2_samssl.training.seeding import reseed_loader, seed_everything, stream_seeds
 
 SAVED_CONFIG = "samssl_config.yaml"
 
@@ -126,3 +128,21 @@ class LabeledSubsetMixin(nnUNetSeam):
     def on_train_start(self):
         super().on_train_start()
         self.save_effective_config()
+
+    # ------------------------------------------------------------------ seeding
+    def initialize(self):
+        if self.settings.seeding.training_seed is not None and not self.was_initialized:
+            seed_everything(self.settings.seeding.training_seed)  # before nnU-Net builds the network
+        super().initialize()
+
+    def stream_seeds(self, stream: str, n: int) -> List[int]:
+        """Seeds of one data stream's ``n`` workers on this rank (``training_seed`` set)."""
+        return stream_seeds(self.settings.seeding.training_seed, stream, self.local_rank, self.current_epoch, n)
+
+    def get_dataloaders(self):
+        dl_tr, dl_val = super().get_dataloaders()
+        if self.settings.seeding.training_seed is not None:
+            reseed_loader(dl_tr, self.stream_seeds("train", getattr(dl_tr, "num_processes", 1)))
+            reseed_loader(dl_val, self.stream_seeds("val", getattr(dl_val, "num_processes", 1)))
+            seed_everything(self.stream_seeds("main", 1)[0])  # teacher noise, views, prompts, in-process loaders
+        return dl_tr, dl_val

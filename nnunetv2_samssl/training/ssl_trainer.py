@@ -197,9 +197,12 @@ class nnUNetTrainerSSLBase(LabeledSubsetMixin, nnUNetTrainer):
         global_bs = self.settings.unlabeled.unlabeled_batch_size or self.configuration_manager.batch_size
         world = dist.get_world_size() if self.is_ddp else 1
         self.unlabeled_batch_size = split_batch_size(global_bs, world, self.local_rank)
+        num_processes = get_allowed_n_proc_DA()
+        seeds = None if self.settings.seeding.training_seed is None else self.stream_seeds("unlabeled", num_processes)
         return build_unlabeled_loader(self.unlabeled_dataset, self.unlabeled_batch_size, initial_patch_size,
                                       self.configuration_manager.patch_size, self.label_manager, transforms,
-                                      num_processes=get_allowed_n_proc_DA(), pin_memory=self.device.type == "cuda")
+                                      num_processes=num_processes, pin_memory=self.device.type == "cuda",
+                                      seeds=seeds)
 
     def unlabeled_transforms(self, transforms):
         """Hook: the augmentation of the unlabeled stream (nnU-Net's training transforms by default)."""

@@ -365,3 +365,20 @@ def test_shifted_test_sets_are_scored_per_target_site(nnunet_env, tmp_path):
     save_json({"source": ["tr_000"], "target": [a, b]}, cohorts)
     with pytest.raises(ProtocolError, match="'target' must map each site to a list"):
         fewlabel.held_out_test_set(DATASET_NAME)
+
+
+def test_training_seed_pairs_the_rows_of_each_repeat(nnunet_env, tmp_path):
+    """--training-seed S: every row of repeat r trains with training_seed S + r (same start, same labeled patches
+    across rows); unseeded runs keep the plan they had; the rows' own settings may not set it."""
+    out = tmp_path / "out"
+    variants = [Variant("mt_w", MT, "consistency_weight=0.2")]
+    runs = fewlabel.plan_runs(_settings(out, labeled_counts=[1], repeats=2, variants=variants, training_seed=5))
+    assert len(runs) == 6
+    for r in runs:
+        assert parse_overrides(r.overrides)["training_seed"] == 5 + r.repeat
+    unseeded = fewlabel.plan_runs(_settings(out, labeled_counts=[1], repeats=2, variants=variants))
+    assert all("training_seed" not in parse_overrides(r.overrides) for r in unseeded)
+    assert [dataclasses.replace(r, overrides="") for r in runs] == [dataclasses.replace(r, overrides="")
+                                                                    for r in unseeded]
+    with pytest.raises(ProtocolError, match=r"must not set \['training_seed'\].*--training-seed"):
+        fewlabel.plan_runs(_settings(out, labeled_counts=[1], ssl_overrides="training_seed=3"))
