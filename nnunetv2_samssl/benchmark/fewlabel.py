@@ -67,6 +67,7 @@ RESULTS_CSV = "fewlabel_results.csv"
 TEST_FOLDER = "test_predictions"  # in each run's fold folder: the held-out test predictions and summary.json
 RESULTS_MD = "fewlabel_results.md"
 RESULTS_PNG = "fewlabel_dice.png"
+PAIRED_GAIN = "dice_gain_paired"  # seeded runs: dice_mean minus that of the baseline with the same seed
 COHORTS_FILE = "cohorts.json"  # a shifted-cohort dataset's sites (raw dataset folder)
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 # fields of a run that must match for a finished run folder to be reused
@@ -807,17 +808,32 @@ def result_rows(runs: Sequence[RunSpec], evaluations: Sequence[Mapping[str, Any]
         [f"dice_{c}" for c in classes] + ["dice_mean"] + [site_column(s) for s in sites]
     if with_hd95:
         header += [f"hd95_{c}" for c in classes] + ["hd95_mean", "hd95_undefined"]
+    paired = bool(runs) and all(training_seed_of(spec) is not None for spec in runs)
+    if paired:  # seeded runs: each run against the baseline of its repeat (same seed, same start)
+        header.insert(header.index("dice_mean") + 1, PAIRED_GAIN)
+        baseline = {(spec.num_labeled, spec.repeat): ev["dice_mean"] for spec, ev in zip(runs, evaluations)
+                    if spec.kind == "supervised"}
     header += [f"num_{evaluations[0]['evaluated_on'] if evaluations else 'validation'}", "train_seconds"]
     rows = []
     for spec, ev, rec in zip(runs, evaluations, records):
         unlabeled = f"{len(spec.unlabeled_cases)}{'+folder' if spec.uses_unlabeled_folder else ''}"
         row = [spec.trainer, spec.variant or "", spec.kind, spec.num_labeled, unlabeled, spec.repeat] + \
-              [ev["dice"][c] for c in classes] + [ev["dice_mean"]] + [ev["dice_site"][s] for s in sites]
+              [ev["dice"][c] for c in classes] + [ev["dice_mean"]]
+        if paired:
+            reference = baseline.get((spec.num_labeled, spec.repeat))
+            row += [float("nan") if spec.kind == "supervised" or reference is None else ev["dice_mean"] - reference]
+        row += [ev["dice_site"][s] for s in sites]
         if with_hd95:
             row += [ev["hd95"][c] for c in classes] + [ev["hd95_mean"], ev["hd95_undefined"]]
         row += [len(ev["cases"]), int(round(sum(a["seconds"] for a in rec.get("attempts", []))))]
         rows.append(row)
     return header, rows
+
+
+def training_seed_of(spec: RunSpec) -> Optional[int]:
+    """The ``training_seed`` a run was planned with (``--training-seed``), ``None`` if unseeded."""
+    value = parse_overrides(spec.overrides).get("training_seed")
+    return None if value is None else int(value)
 
 
 def site_column(site: str) -> str:
@@ -895,6 +911,10 @@ def write_markdown(path: str, header: Sequence[str], rows: Sequence[Sequence[Any
               "nnU-Net's validation of each run (`validation/summary.json`, mean over the fold's validation cases)")
     lines += ["", f"Dice: {source}; HD95 in mm (both directions' 95th percentile surface distance, max of the "
               "two)."]
+    if PAIRED_GAIN in header:
+        lines += ["", f"`{PAIRED_GAIN}`: each run's `dice_mean` minus that of the labeled-only run of the same repeat, "
+                  "trained with the same `training_seed` (`--training-seed`: same initial weights, same labeled "
+                  "patches), so the run-to-run spread of the starts cancels."]
     if any(c.startswith("dice_site_") for c in header):
         lines += ["", "`dice_site_*`: the test cases of one target site of `cohorts.json`, each case's mean over "
                   "the classes, averaged over the site's cases."]

@@ -382,3 +382,21 @@ def test_training_seed_pairs_the_rows_of_each_repeat(nnunet_env, tmp_path):
                                                                     for r in unseeded]
     with pytest.raises(ProtocolError, match=r"must not set \['training_seed'\].*--training-seed"):
         fewlabel.plan_runs(_settings(out, labeled_counts=[1], ssl_overrides="training_seed=3"))
+
+
+def test_seeded_runs_get_their_gain_over_the_baseline_of_the_same_seed(tmp_path):
+    seeded = [dataclasses.replace(r, overrides=f"num_epochs=1 training_seed={5 + r.repeat}") for r in RUNS]
+    header, rows = fewlabel.result_rows(seeded, EVALUATIONS, RECORDS)
+    assert header[header.index("dice_mean") + 1] == "dice_gain_paired"
+    gain = [row[header.index("dice_gain_paired")] for row in rows]
+    assert all(np.isnan(g) for g in gain[0::2])  # the baseline itself
+    # mean Dice of the variant minus the baseline's of the same repeat: 0.60 - 0.50, 0.70 - 0.56, 0.65 - 0.62
+    assert gain[1::2] == [pytest.approx(0.10), pytest.approx(0.14), pytest.approx(0.03)]
+    summary_header, summary = fewlabel.aggregate_rows(header, rows)
+    paired = summary[1][summary_header.index("dice_gain_paired")]
+    assert paired.mean == pytest.approx(0.09) and paired.std == pytest.approx(np.std([0.10, 0.14, 0.03], ddof=1))
+    fewlabel.write_markdown(str(tmp_path / "r.md"), summary_header, summary, "T")
+    assert "| 0.0900 ± 0.0557 |" in (tmp_path / "r.md").read_text()
+    assert "minus that of the labeled-only run of the same repeat" in (tmp_path / "r.md").read_text()
+    # unseeded runs (above): no such column, their repeats are not paired
+    assert "dice_gain_paired" not in fewlabel.result_rows(RUNS, EVALUATIONS, RECORDS)[0]
