@@ -48,7 +48,12 @@ def test_deep_supervision_weights_follow_nnunets_rule(nnunet_env, ddp):
 def test_labeled_subset_baseline_is_plain_nnunet_plus_the_mixin():
     assert not issubclass(nnUNetTrainerLabeledSubset, nnUNetTrainerSSLBase)
     assert nnUNetTrainerLabeledSubset.train_step is nnUNetTrainer.train_step
-    assert nnUNetTrainerLabeledSubset.get_dataloaders is nnUNetTrainer.get_dataloaders
+    # nnU-Net's loaders through super(), restarted with seeded workers only when training_seed is set
+    import inspect
+    from nnunetv2_samssl.training.labeled_subset import LabeledSubsetMixin
+    assert nnUNetTrainerLabeledSubset.get_dataloaders is LabeledSubsetMixin.get_dataloaders
+    source = inspect.getsource(LabeledSubsetMixin.get_dataloaders)
+    assert "super().get_dataloaders()" in source and "if self.settings.seeding.training_seed is not None:" in source
 
 
 def test_extra_trainable_part_is_trained_checkpointed_resumed_and_kept_out_of_prediction(nnunet_env):
