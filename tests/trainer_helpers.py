@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import os
-import random
 
-import numpy as np
 import pytest
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -37,9 +35,8 @@ def _yaml(v) -> str:
 
 
 def seed_everything(seed: int = 0) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    from nnunetv2_samssl.training.seeding import seed_everything as seed_all
+    seed_all(seed)
 
 
 def student_state(trainer):

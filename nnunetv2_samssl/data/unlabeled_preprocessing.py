@@ -57,26 +57,26 @@ PLANS_PREPROCESSING_KEYS = ("transpose_forward", "foreground_intensity_propertie
                             "image_reader_writer")
 
 
+def _digest(parts: dict, dataset_json: dict) -> str:
+    payload = json.dumps({**parts, "channels": dataset_json.get("channel_names", dataset_json.get("modality")),
+                          "file_ending": dataset_json.get("file_ending")}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def configuration_fingerprint(plans: dict, configuration: str, dataset_json: dict) -> str:
     """Hash of everything that shapes the preprocessed unlabeled images: the configuration's preprocessing keys
     (inherited ones resolved, as nnU-Net resolves ``inherits_from``), the plans' transposition, intensity
     statistics and reader, and the dataset's channels and file ending."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     resolved = PlansManager(plans).get_configuration(configuration).configuration
-    payload = json.dumps({"configuration": {k: resolved.get(k) for k in PREPROCESSING_KEYS},
-                          "plans": {k: plans.get(k) for k in PLANS_PREPROCESSING_KEYS},
-                          "channels": dataset_json.get("channel_names", dataset_json.get("modality")),
-                          "file_ending": dataset_json.get("file_ending")}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return _digest({"configuration": {k: resolved.get(k) for k in PREPROCESSING_KEYS},
+                    "plans": {k: plans.get(k) for k in PLANS_PREPROCESSING_KEYS}}, dataset_json)
 
 
 def _legacy_fingerprint(configuration_dict: dict, dataset_json: dict) -> str:
     """The fingerprint manifests written before :func:`configuration_fingerprint` (the whole raw configuration
     dict): still accepted when it matches the current plans, so those folders are not preprocessed again."""
-    payload = json.dumps({"configuration": configuration_dict,
-                          "channels": dataset_json.get("channel_names", dataset_json.get("modality")),
-                          "file_ending": dataset_json.get("file_ending")}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return _digest({"configuration": configuration_dict}, dataset_json)
 
 
 def manifest_matches(manifest: dict, plans: dict, configuration: str, dataset_json: dict) -> bool:
