@@ -151,9 +151,60 @@ class ConsistencyForm:
         return self.factor * (values * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-def consistency_loss(name: str, regions: bool, threshold: float = 0.0) -> ConsistencyForm:
+class PseudoLabelDiceCE:
+    """``hard_dice_ce``: the teacher's argmax (regions: its thresholded sigmoids) as a label map for nnU-Net's own
+    supervised loss (``DC_and_CE_loss`` with ``MemoryEfficientSoftDiceLoss``, as nnU-Net's trainer builds it; regions:
+    its sigmoid Dice plus binary cross-entropy, as ``DC_and_BCE_loss``), with the voxels below ``threshold`` or outside the mask as nnU-Net's ignore
+    label. Unlike the voxel-wise forms its soft Dice weighs each class by its own size, so the few confident voxels
+    of a small structure count as much as the confident background.
+
+    The Dice is per rank (``ddp=False``): the term is a per-rank unlabeled loss like the other forms. Where no voxel
+    passes, the Dice of an empty target and prediction is constant and no gradient flows."""
+
+    IGNORE = -100
+
+    def __init__(self, regions: bool, threshold: float = 0.0, batch_dice: bool = False):
+        from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+        from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"the consistency threshold must be in [0, 1], got {threshold}")
+        self.name, self.regions, self.threshold = "hard_dice_ce", regions, float(threshold)
+        self.last_confident_fraction: Optional[torch.Tensor] = None
+        dice = {"batch_dice": batch_dice, "smooth": 1e-5, "ddp": False}
+        if regions:  # nnU-Net's region Dice; the BCE averaged over kept voxels and regions (DC_and_BCE_loss with
+            # an ignore label sums it over the regions instead, a scale that would jump with the threshold)
+            self.dice = MemoryEfficientSoftDiceLoss(apply_nonlin=torch.sigmoid, **dice, do_bg=True)
+        else:  # ignored voxels get cross-entropy's own ignore index
+            self.loss = DC_and_CE_loss({**dice, "do_bg": False}, {}, ignore_label=self.IGNORE,
+                                       dice_class=MemoryEfficientSoftDiceLoss)
+
+    def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        t = teacher_logits.detach()
+        keep = torch.ones(t.shape[:1] + t.shape[2:], dtype=torch.bool, device=t.device) if mask is None \
+            else mask.to(torch.bool)
+        inside = keep.sum().clamp_min(1)
+        if self.threshold > 0:
+            confident = teacher_confidence(t, self.regions) >= self.threshold
+            self.last_confident_fraction = ((confident & keep).sum() / inside).detach().float()
+            keep = keep & confident
+        if self.regions:
+            target, kept = (t > 0).float(), keep[:, None]
+            bce = F.binary_cross_entropy_with_logits(student_logits.float(), target, reduction="none")
+            bce = (bce * kept).sum() / (kept.sum() * t.shape[1]).clamp_min(1)
+            return bce + self.dice(student_logits, target, loss_mask=kept)
+        labels = t.argmax(1)
+        target = torch.where(keep, labels, torch.full_like(labels, self.IGNORE))[:, None]
+        return self.loss(student_logits, target)
+
+
+def consistency_loss(name: str, regions: bool, threshold: float = 0.0, batch_dice: bool = False):
     """The consistency form ``name`` (a ``consistency_loss`` setting) for label- or region-based outputs, on the
-    voxels where the teacher's confidence reaches ``threshold`` (0: all)."""
+    voxels where the teacher's confidence reaches ``threshold`` (0: all); ``batch_dice`` (the configuration's,
+    as nnU-Net's supervised loss) only matters for ``hard_dice_ce``."""
+    if name == "hard_dice_ce":
+        return PseudoLabelDiceCE(regions, threshold, batch_dice)
     return ConsistencyForm(name, regions, threshold)
 
 

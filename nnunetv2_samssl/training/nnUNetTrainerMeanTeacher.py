@@ -43,7 +43,7 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
             self.parts.set_predicting("teacher")
         # region-based datasets: the sigmoid counterpart of the form (each region its own Bernoulli)
         self.consistency_fn = consistency_loss(mt.consistency_loss, self.label_space.has_regions,
-                                               mt.consistency_threshold)
+                                               mt.consistency_threshold, self.configuration_manager.batch_dice)
         self.strong_view = student_view(mt.student_view, mt.strong_view_strength)
         if mt.consistency_threshold > 0:
             losses = self.log_panels.get("Mean Teacher losses", [])

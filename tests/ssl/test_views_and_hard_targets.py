@@ -121,12 +121,64 @@ def test_threshold_zero_is_every_voxel_and_region_confidence_is_the_least_confid
         consistency_loss("softmax_mse", False, 1.5)
 
 
+# ---------------------------------------------------------------------------------- hard targets, nnU-Net's loss
+def _nnunet_losses(regions=False):
+    from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    dice = {"batch_dice": True, "smooth": 1e-5, "ddp": False}
+    if regions:
+        return DC_and_BCE_loss({}, {**dice, "do_bg": True}, dice_class=MemoryEfficientSoftDiceLoss)
+    return DC_and_CE_loss({**dice, "do_bg": False}, {}, dice_class=MemoryEfficientSoftDiceLoss)
+
+
+def test_hard_dice_ce_is_nnunets_loss_on_the_teachers_argmax():
+    s, t = _logits(8), _logits(9)
+    fn = consistency_loss("hard_dice_ce", False, batch_dice=True)
+    expected = _nnunet_losses()(s, t.argmax(1, keepdim=True))
+    assert torch.allclose(fn(s, t), expected, atol=1e-6)
+    # regions: nnU-Net's Dice + BCE on the teacher's regions
+    fn = consistency_loss("hard_dice_ce", True, batch_dice=True)
+    assert torch.allclose(fn(s, t), _nnunet_losses(True)(s, (t > 0).float()), atol=1e-6)
+
+
+def test_hard_dice_ce_learns_only_from_confident_voxels_and_weighs_a_small_class_up():
+    s, t = _logits(10), _logits(11)
+    fn = consistency_loss("hard_dice_ce", False, threshold=0.7, batch_dice=True)
+    confident = torch.softmax(t, 1).amax(1) >= 0.7
+    assert 0 < confident.float().mean() < 1
+    s = s.requires_grad_(True)
+    fn(s, t).backward()
+    grad = s.grad.abs().sum(1)
+    assert float(grad[~confident].abs().max()) == 0.0 and float(grad[confident].min()) > 0
+    assert float(fn.last_confident_fraction) == pytest.approx(float(confident.float().mean()))
+    # outside a mask nothing counts either
+    mask = torch.zeros_like(confident)
+    mask[0] = True
+    s.grad = None
+    fn(s, t, mask=mask).backward()
+    assert float(s.grad[1].abs().max()) == 0.0
+    # a class of 4 voxels in 480: per voxel, its Dice gives the small class a larger gradient than the rest of the
+    # patch gets (Dice + CE: 2.9 x); cross-entropy alone gives both the same
+    t = torch.zeros(1, 2, 8, 6, 10)
+    t[:, 0] = 5.0
+    t[0, 1, :2, :2, :1] = 10.0
+    student = torch.zeros_like(t, requires_grad=True)
+    consistency_loss("hard_dice_ce", False, batch_dice=True)(student, t).backward()
+    small = t[0, 1] > 5
+    dice_ratio = float(student.grad[0, 1][small].abs().mean() / student.grad[0, 1][~small].abs().mean())
+    student.grad = None
+    consistency_loss("hard_cross_entropy", False)(student, t).backward()
+    ce_ratio = float(student.grad[0, 1][small].abs().mean() / student.grad[0, 1][~small].abs().mean())
+    assert ce_ratio == pytest.approx(1.0, rel=1e-3) and dice_ratio > 2.5
+
+
 # ---------------------------------------------------------------------------------------------- in the trainer
-def test_student_sees_the_strong_view_and_the_teacher_the_weak_patch(nnunet_env):
+@pytest.mark.parametrize("form", ["hard_cross_entropy", "hard_dice_ce"])
+def test_student_sees_the_strong_view_and_the_teacher_the_weak_patch(nnunet_env, form):
     from nnunetv2_samssl.training.nnUNetTrainerMeanTeacher import nnUNetTrainerMeanTeacher
     seed_everything(0)
     trainer = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env, student_view="strong", teacher_noise_std=0.0,
-                           consistency_loss="hard_cross_entropy", consistency_threshold=0.5)
+                           consistency_loss=form, consistency_threshold=0.5)
     trainer.on_train_start()
     seen = {}
     student_forward, teacher_forward = trainer.network.forward, trainer.teacher.module.forward
