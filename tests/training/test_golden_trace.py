@@ -20,7 +20,8 @@ from nnunetv2_samssl.training.nnUNetTrainerSemiSAM import nnUNetTrainerSemiSAM
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden_trace.json")
 EPOCHS, ITERATIONS = 4, 5  # 20 steps
-KEYS = ("loss", "sup_loss", "consistency_loss", "sam_loss")
+KEYS = ("loss", "sup_loss", "consistency_loss", "sam_loss", "consistency_weight", "sam_weight")
+EXACT_KEYS = ("consistency_weight", "sam_weight")  # schedules of the step count: the same on every machine
 SCHEDULE = dict(num_epochs=EPOCHS, num_iterations_per_epoch=ITERATIONS, num_labeled=2)
 
 RUNS = {
@@ -54,10 +55,20 @@ def trace(trainer_class, env, **settings):
     return steps
 
 
-def _close(a: float, b: float) -> bool:
+# The first steps are compared tightly: a changed loss, target, weight, teacher or batch shows there at once. Later
+# steps drift between CPUs (other SIMD kernels sum in another order and the difference grows with training:
+# measured up to 4e-7 relative in steps 0-2 and 6e-3 by step 17 between two machines), so the rest of the trajectory
+# is held to 2 %. A changed loss weight or schedule moves these 20 steps by less than that (consistency weight 0.12
+# instead of 0.1: 2e-3), so the weights themselves are traced and compared exactly.
+STRICT_STEPS = 3
+
+
+def _close(a: float, b: float, step: int, key: str) -> bool:
     if math.isnan(a) or math.isnan(b):
         return math.isnan(a) and math.isnan(b)
-    return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
+    if step < STRICT_STEPS or key in EXACT_KEYS:
+        return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7)
+    return math.isclose(a, b, rel_tol=2e-2, abs_tol=1e-5)
 
 
 @pytest.mark.slow
@@ -76,4 +87,4 @@ def test_first_20_steps_match_the_golden_trace(nnunet_env, name):
     assert [sorted(s) for s in steps] == [sorted(s) for s in expected]
     for i, (got, want) in enumerate(zip(steps, expected)):
         for key in want:
-            assert _close(got[key], want[key]), f"{name} step {i} {key}: {got[key]!r} != golden {want[key]!r}"
+            assert _close(got[key], want[key], i, key), f"{name} step {i} {key}: {got[key]!r} != golden {want[key]!r}"
