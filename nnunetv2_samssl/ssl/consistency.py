@@ -154,9 +154,9 @@ class ConsistencyForm:
 class PseudoLabelDiceCE:
     """``hard_dice_ce``: the teacher's argmax (regions: its thresholded sigmoids) as a label map for nnU-Net's own
     supervised loss (``DC_and_CE_loss`` with ``MemoryEfficientSoftDiceLoss``, as nnU-Net's trainer builds it; regions:
-    its sigmoid Dice plus binary cross-entropy, as ``DC_and_BCE_loss``), with the voxels below ``threshold`` or outside the mask as nnU-Net's ignore
-    label. Unlike the voxel-wise forms its soft Dice weighs each class by its own size, so the few confident voxels
-    of a small structure count as much as the confident background.
+    its sigmoid Dice plus binary cross-entropy, as ``DC_and_BCE_loss``), with the voxels below ``threshold`` or
+    outside the mask as nnU-Net's ignore label. Unlike the voxel-wise forms its soft Dice weighs each class by its
+    own size, so the few confident voxels of a small structure count as much as the confident background.
 
     The Dice is per rank (``ddp=False``): the term is a per-rank unlabeled loss like the other forms. Where no voxel
     passes, the Dice of an empty target and prediction is constant and no gradient flows."""
