@@ -136,9 +136,9 @@ class MeanTeacherSettings(SettingsGroup):
     consistency_loss: str = _user(types=(str,), doc="Student-teacher consistency on unlabeled patches: softmax_mse "
                                   "(mean of the squared softmax difference, SemiSAM+ / UA-MT), softmax_mse_halved "
                                   "(sum / (2 numel), the original SemiSAM code), softmax_kl, cross_entropy (soft "
-                                  "targets), hard_cross_entropy (the teacher's argmax as a hard pseudo-label), hard_dice_ce "
-                                  "(the teacher's argmax as a label map for nnU-Net's own Dice + CE loss, voxels "
-                                  "below the threshold ignored).",
+                                  "targets), hard_cross_entropy (the teacher's argmax as a hard pseudo-label), "
+                                  "hard_dice_ce (the teacher's argmax as a label map for nnU-Net's own Dice + CE "
+                                  "loss, voxels below the threshold ignored).",
                                   choices=("softmax_mse", "softmax_mse_halved", "softmax_kl", "cross_entropy",
                                            "hard_cross_entropy", "hard_dice_ce"))
     consistency_threshold: float = _user(types=(float,), doc="Only voxels where the teacher's probability of its "

@@ -114,6 +114,12 @@ def teacher_confidence(teacher_logits: torch.Tensor, regions: bool) -> torch.Ten
     return torch.softmax(t, 1).amax(1)
 
 
+def _checked_threshold(threshold: float) -> float:
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"the consistency threshold must be in [0, 1], got {threshold}")
+    return float(threshold)
+
+
 class ConsistencyForm:
     """A ``consistency_loss`` form: ``form(student_logits, teacher_logits)`` is the mean over all voxels,
     ``form(..., mask=m)`` the mean over the voxels where ``m`` ``(B, *spatial)`` is true (a graph-connected zero
@@ -128,9 +134,7 @@ class ConsistencyForm:
         table = REGION_CONSISTENCY_LOSSES if regions else CONSISTENCY_LOSSES
         if name not in table:
             raise ValueError(f"consistency_loss must be one of {sorted(table)}, got {name!r}")
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"the consistency threshold must be in [0, 1], got {threshold}")
-        self.name, self.regions, self.threshold = name, regions, float(threshold)
+        self.name, self.regions, self.threshold = name, regions, _checked_threshold(threshold)
         self.last_confident_fraction: Optional[torch.Tensor] = None
         self.scalar = table[name]
         halved = name == "softmax_mse_halved"
@@ -167,9 +171,7 @@ class PseudoLabelDiceCE:
         from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
         from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"the consistency threshold must be in [0, 1], got {threshold}")
-        self.name, self.regions, self.threshold = "hard_dice_ce", regions, float(threshold)
+        self.name, self.regions, self.threshold = "hard_dice_ce", regions, _checked_threshold(threshold)
         self.last_confident_fraction: Optional[torch.Tensor] = None
         dice = {"batch_dice": batch_dice, "smooth": 1e-5, "ddp": False}
         if regions:  # nnU-Net's region Dice; the BCE averaged over kept voxels and regions (DC_and_BCE_loss with
@@ -184,10 +186,9 @@ class PseudoLabelDiceCE:
         t = teacher_logits.detach()
         keep = torch.ones(t.shape[:1] + t.shape[2:], dtype=torch.bool, device=t.device) if mask is None \
             else mask.to(torch.bool)
-        inside = keep.sum().clamp_min(1)
         if self.threshold > 0:
             confident = teacher_confidence(t, self.regions) >= self.threshold
-            self.last_confident_fraction = ((confident & keep).sum() / inside).detach().float()
+            self.last_confident_fraction = ((confident & keep).sum() / keep.sum().clamp_min(1)).detach().float()
             keep = keep & confident
         if self.regions:
             target, kept = (t > 0).float(), keep[:, None]
