@@ -164,6 +164,11 @@ class MeanTeacherSettings(SettingsGroup):
                                         "noise 0.1 std).", minimum=0.0)
     predict_with: str = _user(types=(str,), doc="Weights written as 'network_weights' (used by nnUNetv2_predict "
                               "and the final validation).", choices=("student", "teacher"))
+    teacher_diagnostics: Any = _user(types=(bool, str), doc="Log the Dice of the teacher's and the student's "
+                                     "predictions on the unlabeled patches against the hidden labels of "
+                                     "labeled-subset cases (teacher_dice, student_dice; logged only, never used in a "
+                                     "loss): auto (in labeled-subset mode), true or false.",
+                                     choices=("auto", True, False))
 
 
 def _sam_backends() -> Tuple[str, ...]:

@@ -30,6 +30,9 @@ from nnunetv2_samssl.pseudo_labels.label_space import LabelSpace
 Tensor = torch.Tensor
 Outputs = Union[Tensor, List[Tensor]]
 
+# progress.png panel of every Dice logged against hidden labels (SAM sources, Mean Teacher's teacher_diagnostics)
+HIDDEN_DICE_PANEL = "Dice vs hidden labels (logged only)"
+
 
 def full_resolution(outputs: Outputs) -> Tensor:
     """The full-resolution output of a network output or deep-supervision list."""

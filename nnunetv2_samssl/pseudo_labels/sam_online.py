@@ -17,11 +17,11 @@ import torch
 
 from nnunetv2_samssl.config.schema import ConfigError
 from nnunetv2_samssl.config.settings import PseudoLabelLossSettings, SamLabelerSettings, SamModelSettings
-from nnunetv2_samssl.pseudo_labels.base import (NetworkOutputs, PseudoLabelSource, PseudoTargets, SourceContext,
-                                                StepInfo, UnlabeledBatch)
+from nnunetv2_samssl.pseudo_labels.base import (HIDDEN_DICE_PANEL, NetworkOutputs, PseudoLabelSource,
+                                                PseudoTargets, SourceContext, StepInfo, UnlabeledBatch)
 from nnunetv2_samssl.ssl.ramps import sigmoid_rampdown
 
-SAM_PANELS = {"Dice vs hidden labels (logged only)": ["sam_pseudo_dice", "prompt_dice"],
+SAM_PANELS = {HIDDEN_DICE_PANEL: ["sam_pseudo_dice", "prompt_dice"],
               "SAM branch": ["sam_time_s", "sam_valid_fraction"]}
 
 

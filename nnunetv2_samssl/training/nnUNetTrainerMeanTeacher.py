@@ -10,7 +10,8 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
-from nnunetv2_samssl.pseudo_labels.base import NetworkOutputs, UnlabeledBatch
+from nnunetv2_samssl.config.schema import ConfigError
+from nnunetv2_samssl.pseudo_labels.base import HIDDEN_DICE_PANEL, NetworkOutputs, UnlabeledBatch
 from nnunetv2_samssl.ssl.consistency import consistency_loss, deep_supervision_consistency
 from nnunetv2_samssl.ssl.ema import EMATeacher, unwrap
 from nnunetv2_samssl.ssl.ramps import sigmoid_rampup
@@ -31,6 +32,7 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
     default_config = "mean_teacher"
     log_panels = {"Mean Teacher losses": ["sup_loss", "consistency_loss"],
                   "SSL weights": ["consistency_weight"]}
+    teacher_diagnostics = False  # set by initialize (_wants_teacher_diagnostics)
 
     def initialize(self):
         super().initialize()
@@ -49,10 +51,33 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
             losses = self.log_panels.get("Mean Teacher losses", [])
             self.log_panels = {**self.log_panels, "Mean Teacher losses": [*losses, "consistency_confident"]}
         self.initialize_sources()
+        self.teacher_diagnostics = self._wants_teacher_diagnostics()
+        if self.teacher_diagnostics:
+            dice = self.log_panels.get(HIDDEN_DICE_PANEL, [])
+            self.log_panels = {**self.log_panels, HIDDEN_DICE_PANEL: [*dice, "teacher_dice", "student_dice"]}
         self.finish_initialize()
 
     def initialize_sources(self) -> None:
         """Hook: add pseudo-label sources (``add_source``). Mean Teacher has none."""
+
+    def _wants_teacher_diagnostics(self) -> bool:
+        """``teacher_diagnostics`` (auto: in labeled-subset mode): the hidden labels of the demoted cases are
+        loaded for the logged Dice of the teacher and the student, never for a loss. Not with a source that
+        serves its targets through the unlabeled loader (cached pseudo-labels): its batches carry those maps
+        instead, and the source scores them on whole cases."""
+        setting, subset = self.settings.mean_teacher.teacher_diagnostics, self.settings.labeled_subset
+        if any(source.uses_loader_maps for source in self.sources):
+            if setting is True:
+                raise ConfigError("teacher_diagnostics=true needs hidden labels in the unlabeled batches, which carry "
+                                  "cached pseudo-labels with this trainer's settings (their Dice is logged per "
+                                  "refresh instead). Set teacher_diagnostics to auto or false.")
+            return False
+        if setting == "auto":
+            return subset.num_labeled is not None or subset.labeled_cases is not None
+        return bool(setting)
+
+    def wants_hidden_labels(self) -> bool:
+        return super().wants_hidden_labels() or self.teacher_diagnostics
 
     # ------------------------------------------------------------------ schedule
     def consistency_weight(self) -> float:
@@ -81,6 +106,18 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
 
     def student_input(self, images: torch.Tensor) -> torch.Tensor:
         return images if self.strong_view is None else self.strong_view(images)
+
+    def unlabeled_diagnostics(self, batch: UnlabeledBatch, outputs: NetworkOutputs) -> Dict[str, float]:
+        """Foreground Dice of the teacher's prediction (what the consistency targets come from) and of the
+        student's (on what it sees: the strong view with ``student_view: strong``) against the hidden labels;
+        NaN where no sample has one."""
+        if not self.teacher_diagnostics:
+            return {}
+        if batch.hidden_labels is None or not bool((batch.hidden_labels >= 0).any()):
+            return {"teacher_dice": float("nan"), "student_dice": float("nan")}
+        space, reference = self.label_space, batch.hidden_labels[:, 0].long()
+        return {"teacher_dice": space.foreground_dice(space.to_label_map(outputs.probabilities("teacher")), reference),
+                "student_dice": space.foreground_dice(space.to_label_map(outputs.probabilities("student")), reference)}
 
     def on_train_start(self):
         super().on_train_start()

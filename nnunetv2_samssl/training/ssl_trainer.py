@@ -265,6 +265,11 @@ class nnUNetTrainerSSLBase(LabeledSubsetMixin, nnUNetTrainer):
         the voxels of ``masks`` (one ``(b, *scale)`` bool map per deep-supervision scale) when given."""
         return {}
 
+    def unlabeled_diagnostics(self, batch: UnlabeledBatch, outputs: NetworkOutputs) -> Dict[str, float]:
+        """Hook: metrics of the step's outputs on the unlabeled patches that may read ``batch.hidden_labels``
+        (logged only: they return floats, never a term of the loss)."""
+        return {}
+
     def source_terms(self, source: PseudoLabelSource, batch: UnlabeledBatch, outputs: NetworkOutputs,
                      masks: Optional[List[torch.Tensor]] = None) -> Dict[str, Any]:
         """``{name}_term`` (weight x loss against the source's targets, on its valid voxels within ``masks``)
@@ -328,6 +333,8 @@ class nnUNetTrainerSSLBase(LabeledSubsetMixin, nnUNetTrainer):
             sup = self.loss(student_l, target)
             outputs = NetworkOutputs(student if wide else student_u, teacher, self.label_space)
             terms = self.consistency_terms(outputs, masks)
+            with torch.no_grad():
+                terms.update(self.unlabeled_diagnostics(ssl_batch, outputs))
             for source in self.sources:
                 if wide and source.uses_loader_maps:
                     narrow = NetworkOutputs(student_u, None if teacher is None else split_outputs(teacher, b_l)[1],

@@ -87,31 +87,52 @@ def _corrupt_labels(env, cases):
         blosc2.asarray(rng.integers(0, 3, seg.shape).astype(np.int16), urlpath=path)
 
 
-def _train_subset(env, n_iter=2):
+def _train_subset(env, n_iter=2, outs=None, **settings):
     seed_everything(123)
     trainer = make_trainer(nnUNetTrainerMeanTeacher, env, num_labeled=2, use_unlabeled_folder=False,
-                           teacher_noise_std=0.1)
-    run_iterations(trainer, n_iter)
+                           teacher_noise_std=0.1, **settings)
+    steps = run_iterations(trainer, n_iter)
+    if outs is not None:
+        outs.extend(steps)
     return trainer, student_state(trainer), {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
 
 
 def test_labels_of_unlabeled_cases_never_reach_the_loss(nnunet_env):
-    """Labeled-subset mode: corrupting the hidden labels leaves training bit-identical; corrupting a
-    labeled case's labels does not (so the comparison can fail)."""
-    trainer, student_a, teacher_a = _train_subset(nnunet_env)
+    """Labeled-subset mode: corrupting the hidden labels leaves training bit-identical, while the logged
+    teacher / student Dice (teacher_diagnostics: auto) read them; corrupting a labeled case's labels changes
+    training (so the comparison can fail)."""
+    outs_a, outs_b = [], []
+    trainer, student_a, teacher_a = _train_subset(nnunet_env, outs=outs_a)
     demoted, labeled = trainer.demoted_cases, trainer.labeled_cases
     assert len(labeled) == 2 and len(demoted) == 2 and set(demoted).isdisjoint(labeled)
     assert sorted(trainer.unlabeled_dataset.identifiers) == sorted(demoted)
+    assert trainer.unlabeled_dataset.hidden_label_cases == set(demoted)  # loaded, for the diagnostics only
 
     _corrupt_labels(nnunet_env, demoted)
-    _, student_b, teacher_b = _train_subset(nnunet_env)
+    _, student_b, teacher_b = _train_subset(nnunet_env, outs=outs_b)
     for k in student_a:
         assert torch.equal(student_a[k], student_b[k]), k
         assert torch.equal(teacher_a[k], teacher_b[k]), k
+    assert [o["loss"] for o in outs_a] == [o["loss"] for o in outs_b]
+    assert [o["teacher_dice"] for o in outs_a] != [o["teacher_dice"] for o in outs_b]
 
     _corrupt_labels(nnunet_env, labeled[:1])
     _, student_c, _ = _train_subset(nnunet_env)
     assert any(not torch.equal(student_a[k], student_c[k]) for k in student_a)
+
+
+def test_teacher_diagnostics_leave_training_unchanged(nnunet_env):
+    """Loading the hidden labels for the logged Dice changes neither the patches nor the steps: a seeded run
+    with teacher_diagnostics off is bit-identical."""
+    outs_on, outs_off = [], []
+    trainer, student_on, teacher_on = _train_subset(nnunet_env, outs=outs_on)
+    assert trainer.teacher_diagnostics and all(np.isfinite(o["teacher_dice"]) for o in outs_on)
+    trainer, student_off, teacher_off = _train_subset(nnunet_env, outs=outs_off, teacher_diagnostics=False)
+    assert not trainer.unlabeled_dataset.hidden_label_cases and "teacher_dice" not in outs_off[0]
+    for k in student_on:
+        assert torch.equal(student_on[k], student_off[k]), k
+        assert torch.equal(teacher_on[k], teacher_off[k]), k
+    assert [o["loss"] for o in outs_on] == [o["loss"] for o in outs_off]
 
 
 def test_unlabeled_sources_combine(nnunet_env):
@@ -120,6 +141,45 @@ def test_unlabeled_sources_combine(nnunet_env):
     trainer.get_tr_and_val_datasets()
     ids = trainer.unlabeled_dataset.identifiers
     assert sorted(ids) == sorted(trainer.demoted_cases + ["unl_000", "unl_001", "unl_002"])
+
+
+def test_teacher_diagnostics_score_both_networks_against_the_hidden_labels(nnunet_env):
+    """teacher_dice / student_dice: nnU-Net's foreground Dice of each network's argmax against the hidden labels,
+    NaN without them; off outside labeled-subset mode (auto) or when switched off, where no label is loaded."""
+    from nnunetv2_samssl.pseudo_labels.base import HIDDEN_DICE_PANEL, NetworkOutputs, UnlabeledBatch
+
+    seed_everything(0)
+    trainer = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env, num_labeled=2, use_unlabeled_folder=False)
+    trainer.initialize()
+    assert trainer.logger.local_logger.panels[HIDDEN_DICE_PANEL] == ["teacher_dice", "student_dice"]
+    k = trainer.label_manager.num_segmentation_heads
+    hidden = torch.zeros((2, 1, 4, 4, 4), dtype=torch.long)
+    hidden[0, 0, :2] = 1  # sample 0: half class 1, half background; sample 1: no hidden label
+    hidden[1] = -1
+    teacher_labels = hidden[:, 0].clamp(min=0)  # exactly right where labeled
+    student_labels = torch.zeros_like(teacher_labels)
+    student_labels[0, :1] = 1  # finds half of class 1: Dice 2 * 16 / (16 + 32)
+    student_labels[1] = 2
+
+    def logits(labels):
+        return 10.0 * torch.nn.functional.one_hot(labels, k).movedim(-1, 1).float()
+
+    batch = UnlabeledBatch(torch.zeros((2, 1, 4, 4, 4)), ["a", "b"], None, hidden)
+    outputs = NetworkOutputs(logits(student_labels), logits(teacher_labels), trainer.label_space)
+    d = trainer.unlabeled_diagnostics(batch, outputs)
+    # class 2 is absent from prediction and reference of the labeled sample: it does not count (nnU-Net's rule)
+    assert d["teacher_dice"] == pytest.approx(1.0)
+    assert d["student_dice"] == pytest.approx(2 * 16 / (16 + 32))
+    nan = trainer.unlabeled_diagnostics(UnlabeledBatch(batch.images, batch.keys, None, None), outputs)
+    assert np.isnan(nan["teacher_dice"]) and np.isnan(nan["student_dice"])
+
+    for settings in (dict(), dict(num_labeled=2, use_unlabeled_folder=False, teacher_diagnostics=False)):
+        off = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env, **settings)
+        off.initialize()
+        assert HIDDEN_DICE_PANEL not in off.logger.local_logger.panels
+        assert off.unlabeled_diagnostics(batch, outputs) == {}
+        off.get_tr_and_val_datasets()
+        assert not off.unlabeled_dataset.hidden_label_cases
 
 
 def _record_train_steps(trainer):

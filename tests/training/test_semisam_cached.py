@@ -182,3 +182,13 @@ def test_all_deep_supervision_scales_and_dice_ce_on_cached_labels(nnunet_env):
     for i in range(1, len(trainer.network.decoder.seg_layers)):
         assert trainer.network.decoder.seg_layers[i].weight.grad.abs().sum() > 0
     trainer.on_train_end()
+
+
+def test_teacher_diagnostics_step_aside_for_cached_pseudo_labels(nnunet_env):
+    """The unlabeled batches carry the cached maps, not hidden labels: auto turns the teacher's Dice off, an
+    explicit true is refused with the fix."""
+    auto = make_trainer(nnUNetTrainerSemiSAM, nnunet_env, **CACHED)
+    auto.initialize()
+    assert not auto.teacher_diagnostics and not auto.wants_hidden_labels()
+    with pytest.raises(ConfigError, match="teacher_diagnostics to auto or false"):
+        make_trainer(nnUNetTrainerSemiSAM, nnunet_env, **CACHED, teacher_diagnostics=True).initialize()
