@@ -34,6 +34,14 @@ Outputs = Union[Tensor, List[Tensor]]
 HIDDEN_DICE_PANEL = "Dice vs hidden labels (logged only)"
 
 
+def hidden_label_dice(space: LabelSpace, reference: Optional[Tensor], **label_maps: Tensor) -> Dict[str, float]:
+    """Foreground Dice (classes, or regions) of each label map ``(B, *s)`` against hidden labels ``(B, *s)`` (-1 =
+    none), by key: logged, never a target. NaN for every key without a reference."""
+    if reference is None:
+        return {key: float("nan") for key in label_maps}
+    return {key: space.foreground_dice(labels, reference) for key, labels in label_maps.items()}
+
+
 def full_resolution(outputs: Outputs) -> Tensor:
     """The full-resolution output of a network output or deep-supervision list."""
     return outputs[0] if isinstance(outputs, (list, tuple)) else outputs

@@ -18,7 +18,8 @@ import torch
 from nnunetv2_samssl.config.schema import ConfigError
 from nnunetv2_samssl.config.settings import PseudoLabelLossSettings, SamLabelerSettings, SamModelSettings
 from nnunetv2_samssl.pseudo_labels.base import (HIDDEN_DICE_PANEL, NetworkOutputs, PseudoLabelSource,
-                                                PseudoTargets, SourceContext, StepInfo, UnlabeledBatch)
+                                                PseudoTargets, SourceContext, StepInfo, UnlabeledBatch,
+                                                hidden_label_dice)
 from nnunetv2_samssl.ssl.ramps import sigmoid_rampdown
 
 SAM_PANELS = {HIDDEN_DICE_PANEL: ["sam_pseudo_dice", "prompt_dice"],
@@ -132,11 +133,7 @@ class SamSource(PseudoLabelSource):
         """Foreground Dice (classes, or regions) of the pseudo-label and of the prompting prediction (label maps
         ``(B, *s)``) against hidden labels ``(B, *s)`` (-1 = none): logged, never a target. NaN without hidden
         labels."""
-        if reference is None:
-            return {"sam_pseudo_dice": float("nan"), "prompt_dice": float("nan")}
-        space = self.context.space
-        return {"sam_pseudo_dice": space.foreground_dice(pseudo_label, reference),
-                "prompt_dice": space.foreground_dice(prompting, reference)}
+        return hidden_label_dice(self.context.space, reference, sam_pseudo_dice=pseudo_label, prompt_dice=prompting)
 
 
 class OnlineSamSource(SamSource):

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from nnunetv2_samssl.config.schema import ConfigError
-from nnunetv2_samssl.pseudo_labels.base import HIDDEN_DICE_PANEL, NetworkOutputs, UnlabeledBatch
+from nnunetv2_samssl.pseudo_labels.base import HIDDEN_DICE_PANEL, NetworkOutputs, UnlabeledBatch, hidden_label_dice
 from nnunetv2_samssl.ssl.consistency import consistency_loss, deep_supervision_consistency
 from nnunetv2_samssl.ssl.ema import EMATeacher, unwrap
 from nnunetv2_samssl.ssl.ramps import sigmoid_rampup
@@ -113,11 +113,11 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
         NaN where no sample has one."""
         if not self.teacher_diagnostics:
             return {}
-        if batch.hidden_labels is None or not bool((batch.hidden_labels >= 0).any()):
-            return {"teacher_dice": float("nan"), "student_dice": float("nan")}
-        space, reference = self.label_space, batch.hidden_labels[:, 0].long()
-        return {"teacher_dice": space.foreground_dice(space.to_label_map(outputs.probabilities("teacher")), reference),
-                "student_dice": space.foreground_dice(space.to_label_map(outputs.probabilities("student")), reference)}
+        hidden, space = batch.hidden_labels, self.label_space
+        reference = hidden[:, 0].long() if hidden is not None and bool((hidden >= 0).any()) else None
+        return hidden_label_dice(space, reference,
+                                 teacher_dice=space.to_label_map(outputs.probabilities("teacher")),
+                                 student_dice=space.to_label_map(outputs.probabilities("student")))
 
     def on_train_start(self):
         super().on_train_start()
