@@ -162,6 +162,15 @@ class MeanTeacherSettings(SettingsGroup):
     strong_view_strength: float = _user(types=(float,), doc="Scales every range of the strong view (1: gamma up to "
                                         "2.5 or down to 1/2.5, bias field amplitude 0.5, blur sigma 1.5 voxels, "
                                         "noise 0.1 std).", minimum=0.0)
+    student_mix: str = _user(types=(str,), doc="none, or cutmix: the student sees each unlabeled patch with a "
+                             "box of another patch of the batch pasted in, and learns the teacher's predictions "
+                             "of the two unmixed patches, mixed with the same box (Mean Teacher's own "
+                             "consistency term; needs 2 or more unlabeled patches per step).",
+                             choices=("none", "cutmix"))
+    student_mix_volume: float = _user(types=(float,), doc="The largest CutMix box, as a fraction of the patch "
+                                      "volume; each box draws its fraction uniformly between a quarter of this "
+                                      "and this, with the patch's aspect ratio.", minimum=0.0, maximum=1.0,
+                                      exclusive_minimum=True)
     predict_with: str = _user(types=(str,), doc="Weights written as 'network_weights' (used by nnUNetv2_predict "
                               "and the final validation).", choices=("student", "teacher"))
     teacher_diagnostics: Any = _user(types=(bool, str), doc="Log the Dice of the teacher's and the student's "

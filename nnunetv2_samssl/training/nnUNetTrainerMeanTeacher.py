@@ -14,6 +14,7 @@ from nnunetv2_samssl.config.schema import ConfigError
 from nnunetv2_samssl.pseudo_labels.base import HIDDEN_DICE_PANEL, NetworkOutputs, UnlabeledBatch, hidden_label_dice
 from nnunetv2_samssl.ssl.consistency import consistency_loss, deep_supervision_consistency
 from nnunetv2_samssl.ssl.ema import EMATeacher, unwrap
+from nnunetv2_samssl.ssl.mixing import BoxMix
 from nnunetv2_samssl.ssl.ramps import sigmoid_rampup
 from nnunetv2_samssl.ssl.views import student_view
 from nnunetv2_samssl.training.ssl_trainer import nnUNetTrainerSSLBase
@@ -51,6 +52,7 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
             losses = self.log_panels.get("Mean Teacher losses", [])
             self.log_panels = {**self.log_panels, "Mean Teacher losses": [*losses, "consistency_confident"]}
         self.initialize_sources()
+        self._check_student_mix()
         self.teacher_diagnostics = self._wants_teacher_diagnostics()
         if self.teacher_diagnostics:
             dice = self.log_panels.get(HIDDEN_DICE_PANEL, [])
@@ -59,6 +61,20 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
 
     def initialize_sources(self) -> None:
         """Hook: add pseudo-label sources (``add_source``). Mean Teacher has none."""
+
+    def _check_student_mix(self) -> None:
+        mt = self.settings.mean_teacher
+        if mt.student_mix == "none":
+            return
+        if self.sources:
+            raise ConfigError(f"student_mix={mt.student_mix} mixes the targets of Mean Teacher's own consistency term "
+                              f"only; {self.__class__.__name__}'s pseudo-label sources "
+                              f"({', '.join(s.name for s in self.sources)}) label the unmixed patches. Set "
+                              f"student_mix: none, or train nnUNetTrainerMeanTeacher.")
+        if self.learns_unannotated:
+            raise ConfigError(f"student_mix={mt.student_mix} mixes unlabeled patches only, and learn_unannotated "
+                              f"gives the consistency term the labeled patches too. Set one of student_mix: none "
+                              f"or learn_unannotated: false.")
 
     def _wants_teacher_diagnostics(self) -> bool:
         """``teacher_diagnostics`` (auto: in labeled-subset mode): the hidden labels of the demoted cases are
@@ -104,6 +120,18 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
             terms["consistency_confident"] = self.consistency_fn.last_confident_fraction
         return terms
 
+    def mix_unlabeled(self, batch: UnlabeledBatch, teacher: Optional[Outputs]):
+        """``student_mix: cutmix``: a box of the next patch (cyclically) pasted into each one; the teacher's
+        outputs on the unmixed patches, the loader's maps and the hidden labels mixed with the same boxes. The
+        keys keep naming the patch outside the box."""
+        mt = self.settings.mean_teacher
+        if mt.student_mix == "none":
+            return batch, teacher
+        mix = BoxMix.draw(batch.images.shape, mt.student_mix_volume, device=batch.images.device)
+        maps = None if batch.loader_maps is None else [mix(m) for m in batch.loader_maps]
+        hidden = None if batch.hidden_labels is None else mix(batch.hidden_labels)
+        return UnlabeledBatch(mix(batch.images), list(batch.keys), maps, hidden), mix.outputs(teacher)
+
     def student_input(self, images: torch.Tensor) -> torch.Tensor:
         return images if self.strong_view is None else self.strong_view(images)
 
@@ -121,6 +149,11 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
 
     def on_train_start(self):
         super().on_train_start()
+        mt = self.settings.mean_teacher
+        if mt.student_mix != "none" and self.unlabeled_batch_size < 2:
+            raise ConfigError(f"student_mix={mt.student_mix} pastes boxes between the unlabeled patches of a step, "
+                              f"and this rank gets {self.unlabeled_batch_size}. Set unlabeled_batch_size to at "
+                              f"least 2 per GPU, or student_mix: none.")
         if not self.resumed:
             # nnU-Net loads -pretrained_weights into the student after initialize(), where the teacher was
             # copied: the teacher starts from the student's weights as they are now

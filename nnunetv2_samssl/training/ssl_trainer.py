@@ -254,6 +254,14 @@ class nnUNetTrainerSSLBase(LabeledSubsetMixin, nnUNetTrainer):
         """Hook: the teacher's outputs on the unlabeled batch (no gradient), or ``None``."""
         return None
 
+    def mix_unlabeled(self, batch: UnlabeledBatch, teacher: Optional[Outputs]
+                      ) -> Tuple[UnlabeledBatch, Optional[Outputs]]:
+        """Hook, under ``no_grad`` after the teacher predicted the patches as loaded: the unlabeled batch and the
+        teacher's outputs as the student and every loss see them. Unchanged by default; Mean Teacher's
+        ``student_mix: cutmix`` pastes a box of another patch into each one and mixes the teacher's outputs, the
+        loader's maps and the hidden labels with the same boxes."""
+        return batch, teacher
+
     def student_input(self, images: torch.Tensor) -> torch.Tensor:
         """Hook: what the student sees of the unlabeled patches (the teacher's and the sources' patches by
         default; Mean Teacher's ``student_view: strong`` perturbs their intensities)."""
@@ -326,6 +334,9 @@ class nnUNetTrainerSSLBase(LabeledSubsetMixin, nnUNetTrainer):
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             with torch.no_grad():
                 teacher = self.teacher_outputs(ssl_batch)
+                if not wide:  # a trainer that mixes refuses learn_unannotated (labeled voxels keep their places)
+                    unlabeled, teacher = self.mix_unlabeled(unlabeled, teacher)
+                    ssl_batch = unlabeled
             # one fused student forward over labeled and unlabeled patches (instance norm is per sample,
             # so this equals two separate forwards)
             student = self.network(torch.cat((data, self.student_input(unlabeled.images))))
