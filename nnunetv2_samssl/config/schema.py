@@ -155,7 +155,8 @@ def parse_overrides(text: str) -> Dict[str, Any]:
 
 def resolve_config(schema: Sequence[Option], default_config: str,
                    config: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None,
-                   environ: Mapping[str, str] = os.environ) -> Tuple[Dict[str, Any], List[str]]:
+                   environ: Mapping[str, str] = os.environ,
+                   base: Optional[str] = None) -> Tuple[Dict[str, Any], List[str]]:
     """Merges the chosen config (or the trainer's default) with overrides and validates it.
 
     Args:
@@ -163,6 +164,8 @@ def resolve_config(schema: Sequence[Option], default_config: str,
         default_config: bundled config used when neither ``config`` nor ``nnUNet_samssl_config`` is given.
         config: name or path; ``None`` reads ``nnUNet_samssl_config``.
         overrides: mapping applied last; ``None`` reads ``nnUNet_samssl_overrides``.
+        base: config (name or path) laid under ``config``, as if it started with ``base:`` (used for saved
+            configs, which list every setting of their version and no base).
     Returns:
         (validated settings with every schema key present, list of the sources used in order).
     """
@@ -173,7 +176,8 @@ def resolve_config(schema: Sequence[Option], default_config: str,
     options = {o.name: o for o in schema}
     merged: Dict[str, Any] = {}
     origin: Dict[str, str] = {}
-    layers = _load_chain(config) + ([(dict(overrides), OVERRIDES_ENV)] if overrides else [])
+    layers = (_load_chain(base) if base is not None else []) + _load_chain(config) \
+        + ([(dict(overrides), OVERRIDES_ENV)] if overrides else [])
     for data, source in layers:
         for key, value in data.items():
             if key not in options:
@@ -187,6 +191,26 @@ def resolve_config(schema: Sequence[Option], default_config: str,
     validated = {k: options[k].validate(merged[k], origin[k]) for k in options}
     _cross_checks(validated)
     return validated, [s for _, s in layers]
+
+
+def resolve_saved_config(schema: Sequence[Option], default_config: str,
+                         saved: str) -> Tuple[Dict[str, Any], List[str], Dict[str, Any]]:
+    """The settings a run saved (``samssl_config.yaml``), for resuming or validating that run.
+
+    A run started by an older version lacks the settings added since. Those take the trainer's bundled default
+    (``default_config``), the value that keeps the older behaviour, and are returned so the caller can log them. A
+    saved setting this version does not know is still an error.
+
+    Returns:
+        (validated settings, sources used in order, {added setting: the default it took}).
+    """
+    data, _ = _read_yaml(saved)
+    added = [] if BASE_KEY in data else [o.name for o in schema if o.name not in data]
+    if not added:
+        cfg, sources = resolve_config(schema, default_config, config=saved, overrides={})
+        return cfg, sources, {}
+    cfg, sources = resolve_config(schema, default_config, config=saved, overrides={}, base=default_config)
+    return cfg, sources, {k: cfg[k] for k in added}
 
 
 def _cross_checks(cfg: Mapping[str, Any]) -> None:

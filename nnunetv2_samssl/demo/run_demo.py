@@ -180,13 +180,12 @@ def sam_pseudo_labels_of_predictions(fold_folder: str, raw_dataset_folder: str, 
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunetv2_samssl.config.schema import resolve_config
+    from nnunetv2_samssl.config.schema import resolve_saved_config
     from nnunetv2_samssl.config.settings import SEMISAM_LAYOUT, Settings, options_of
     from nnunetv2_samssl.pseudo_labels.sam_online import build_sam_labeler
     from nnunetv2_samssl.training.labeled_subset import SAVED_CONFIG
 
-    cfg, _ = resolve_config(options_of(SEMISAM_LAYOUT), "semisam", config=os.path.join(fold_folder, SAVED_CONFIG),
-                            overrides={})
+    cfg, _, _ = resolve_saved_config(options_of(SEMISAM_LAYOUT), "semisam", os.path.join(fold_folder, SAVED_CONFIG))
     settings = Settings.from_config(SEMISAM_LAYOUT, cfg)
     dataset_json = load_json(os.path.join(raw_dataset_folder, "dataset.json"))
     # every window SAM is prompted in, not the training steps' random subset of them (sam_max_crops)

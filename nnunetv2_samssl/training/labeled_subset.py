@@ -21,7 +21,7 @@ import torch
 import yaml
 from torch import distributed as dist
 
-from nnunetv2_samssl.config.schema import CONFIG_ENV, OVERRIDES_ENV, Option, resolve_config
+from nnunetv2_samssl.config.schema import CONFIG_ENV, OVERRIDES_ENV, Option, resolve_config, resolve_saved_config
 from nnunetv2_samssl.config.settings import LABELED_SUBSET_LAYOUT, Settings, SettingsGroup, options_of
 from nnunetv2_samssl.data.splits import choose_labeled_subset
 from nnunetv2_samssl.training.nnunet_seam import nnUNetSeam
@@ -71,17 +71,25 @@ class LabeledSubsetMixin(nnUNetSeam):
         user_chose = bool(os.environ.get(CONFIG_ENV) or os.environ.get(OVERRIDES_ENV))
         if continue_training and saved and os.path.isfile(saved) and not user_chose:
             # resume with exactly the settings of the interrupted run
-            cfg, sources = resolve_config(schema, self.default_config, config=saved, overrides={})
+            cfg, sources, added = resolve_saved_config(schema, self.default_config, saved)
+            self._log_added_settings(saved, added)
         else:
             cfg, sources = resolve_config(schema, self.default_config)
             if continue_training and saved and os.path.isfile(saved):
-                old, _ = resolve_config(schema, self.default_config, config=saved, overrides={})
+                old, _, added = resolve_saved_config(schema, self.default_config, saved)
+                self._log_added_settings(saved, added)
                 changed = {k: (old[k], cfg[k]) for k in cfg if old[k] != cfg[k]}
                 if changed:
                     self.print_to_log_file(f"WARNING: resuming with settings that differ from {saved}: "
                                            + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
         self.print_to_log_file(f"samssl settings from: {' + '.join(sources)}")
         return cfg, sources
+
+    def _log_added_settings(self, saved: str, added: Dict[str, Any]) -> None:
+        if added:
+            self.print_to_log_file(f"{saved} was written by an older version without the settings "
+                                   + ", ".join(f"{k}: {v!r}" for k, v in added.items())
+                                   + f"; they take these defaults of the bundled config '{self.default_config}'.")
 
     def effective_config(self) -> Dict[str, Any]:
         """The settings actually in force (schedule values as set on the trainer, e.g. by a subclass)."""

@@ -1,6 +1,7 @@
 """nnUNetTrainerMeanTeacher in-process on the tiny dataset (CPU, single-threaded loaders)."""
 import math
 import os
+import re
 import shutil
 
 import blosc2
@@ -261,6 +262,33 @@ def test_resume_restores_student_teacher_optimizer_and_settings(nnunet_env):
     a, b = trainer.optimizer.state_dict(), resumed.optimizer.state_dict()
     for pid in a["state"]:
         assert torch.equal(a["state"][pid]["momentum_buffer"], b["state"][pid]["momentum_buffer"])
+
+
+def test_resume_a_run_saved_by_an_older_version(nnunet_env):
+    """A run saved before some settings existed resumes (bare --c, or with overrides as the few-label protocol
+    sets them) and validates: the missing settings take the bundled defaults, and the log names them. A saved
+    setting this version does not know stays an error."""
+    trainer = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env, ema_decay=0.9)
+    trainer.save_effective_config()
+    path = os.path.join(trainer.output_folder, "samssl_config.yaml")
+    with open(path) as f:
+        saved = yaml.safe_load(f)
+    newer = ("student_mix", "student_mix_volume", "teacher_diagnostics")
+    with open(path, "w") as f:
+        yaml.safe_dump({k: v for k, v in saved.items() if k not in newer}, f)
+    for use_overrides in (False, True):
+        resumed = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env, continue_training=True,
+                               use_overrides=use_overrides, ema_decay=0.9)
+        mt = resumed.settings.mean_teacher
+        assert (mt.ema_decay, mt.student_mix, mt.student_mix_volume) == (0.9, "none", 0.5)
+        with open(resumed.log_file) as f:
+            log = f.read()
+        assert f"{path} was written by an older version without the settings student_mix: 'none', " \
+               f"student_mix_volume: 0.5, teacher_diagnostics: 'auto'" in log
+    with open(path, "w") as f:
+        yaml.safe_dump({**saved, "no_such_setting": 1}, f)
+    with pytest.raises(ConfigError, match="Unknown setting 'no_such_setting' in " + re.escape(path)):
+        make_trainer(nnUNetTrainerMeanTeacher, nnunet_env, continue_training=True, use_overrides=False)
 
 
 def test_resume_uses_newest_readable_checkpoint(nnunet_env):
