@@ -78,7 +78,10 @@ class LabeledSubsetMixin(nnUNetSeam):
             if continue_training and saved and os.path.isfile(saved):
                 old, _, added = resolve_saved_config(schema, self.default_config, saved)
                 self._log_added_settings(saved, added)
-                changed = {k: (old[k], cfg[k]) for k in cfg if old[k] != cfg[k]}
+                # a null schedule key keeps nnU-Net's value, which the saved file holds as a number
+                schedule = [o.name for o in options_of({"training": self.settings_layout["training"]})]
+                keeps = {k for k in schedule if cfg[k] is None and old[k] == getattr(self, k)}
+                changed = {k: (old[k], cfg[k]) for k in cfg if old[k] != cfg[k] and k not in keeps}
                 if changed:
                     self.print_to_log_file(f"WARNING: resuming with settings that differ from {saved}: "
                                            + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))

@@ -264,7 +264,7 @@ def test_resume_restores_student_teacher_optimizer_and_settings(nnunet_env):
         assert torch.equal(a["state"][pid]["momentum_buffer"], b["state"][pid]["momentum_buffer"])
 
 
-def test_resume_a_run_saved_by_an_older_version(nnunet_env):
+def test_resume_a_run_saved_by_an_older_version(nnunet_env, capsys):
     """A run saved before some settings existed resumes (bare --c, or with overrides as the few-label protocol
     sets them) and validates: the missing settings take the bundled defaults, and the log names them. A saved
     setting this version does not know stays an error."""
@@ -273,18 +273,24 @@ def test_resume_a_run_saved_by_an_older_version(nnunet_env):
     path = os.path.join(trainer.output_folder, "samssl_config.yaml")
     with open(path) as f:
         saved = yaml.safe_load(f)
+    assert saved["initial_lr"] == 0.01  # nnU-Net's value, which the overrides below leave at null
     newer = ("student_mix", "student_mix_volume", "teacher_diagnostics")
     with open(path, "w") as f:
         yaml.safe_dump({k: v for k, v in saved.items() if k not in newer}, f)
+    capsys.readouterr()
     for use_overrides in (False, True):
         resumed = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env, continue_training=True,
                                use_overrides=use_overrides, ema_decay=0.9)
         mt = resumed.settings.mean_teacher
         assert (mt.ema_decay, mt.student_mix, mt.student_mix_volume) == (0.9, "none", 0.5)
-        with open(resumed.log_file) as f:
-            log = f.read()
+        log = capsys.readouterr().out
         assert f"{path} was written by an older version without the settings student_mix: 'none', " \
                f"student_mix_volume: 0.5, teacher_diagnostics: 'auto'" in log
+        # null schedule keys keep nnU-Net's values: not a change of settings
+        assert "resuming with settings that differ" not in log
+    make_trainer(nnUNetTrainerMeanTeacher, nnunet_env, continue_training=True, ema_decay=0.95)
+    assert re.search(r"WARNING: resuming with settings that differ from \S+: ema_decay: 0.9 -> 0.95\s*$",
+                     capsys.readouterr().out, re.M)
     with open(path, "w") as f:
         yaml.safe_dump({**saved, "no_such_setting": 1}, f)
     with pytest.raises(ConfigError, match="Unknown setting 'no_such_setting' in " + re.escape(path)):
