@@ -198,8 +198,8 @@ def resolve_saved_config(schema: Sequence[Option], default_config: str,
     """The settings a run saved (``samssl_config.yaml``), for resuming or validating that run.
 
     A run started by an older version lacks the settings added since. Those take the trainer's bundled default
-    (``default_config``), the value that keeps the older behaviour, and are returned so the caller can log them. A
-    saved setting this version does not know is still an error.
+    (``default_config``) and are returned so the caller can log them. A saved setting this version does not know
+    is still an error.
 
     Returns:
         (validated settings, sources used in order, {added setting: the default it took}).

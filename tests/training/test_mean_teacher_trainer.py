@@ -266,8 +266,8 @@ def test_resume_restores_student_teacher_optimizer_and_settings(nnunet_env):
 
 def test_resume_a_run_saved_by_an_older_version(nnunet_env, capsys):
     """A run saved before some settings existed resumes (bare --c, or with overrides as the few-label protocol
-    sets them) and validates: the missing settings take the bundled defaults, and the log names them. A saved
-    setting this version does not know stays an error."""
+    sets them; --val takes the same path): the missing settings take the bundled defaults, and the log names
+    them. A saved setting this version does not know stays an error."""
     trainer = make_trainer(nnUNetTrainerMeanTeacher, nnunet_env, ema_decay=0.9)
     trainer.save_effective_config()
     path = os.path.join(trainer.output_folder, "samssl_config.yaml")
