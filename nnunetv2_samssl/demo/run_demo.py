@@ -9,8 +9,10 @@ Everything goes through the stock nnU-Net commands, as a user would type them:
 2. ``nnUNetv2_plan_and_preprocess`` and ``nnUNetv2_samssl_preprocess_unlabeled``;
 3. train, with the same few labeled SOURCE cases (``labeled_cases``; the fold's other training cases become
    unlabeled, their labels hidden): ``nnUNetTrainerLabeledSubset`` (labeled-only nnU-Net),
-   ``nnUNetTrainerMeanTeacher`` and ``nnUNetTrainerSemiSAM`` (real LiteMedSAM weights, slice by slice), the
-   latter two also using every unlabeled image;
+   ``nnUNetTrainerMeanTeacher`` with the bundled ``mean_teacher_strong`` preset (what the shifted few-label
+   benchmark found to help: a strongly perturbed student view, the teacher's confident argmax at full weight) and
+   ``nnUNetTrainerSemiSAM`` with the same consistency settings plus its SAM term (real LiteMedSAM weights, slice
+   by slice), the latter two also using every unlabeled image;
 4. ``nnUNetv2_predict`` the held-out cases and print their Dice per class (nnU-Net's
    ``compute_metrics_on_folder``; a class absent from both prediction and reference of a case has no Dice
    there and is left out of that class's mean, as in nnU-Net's ``summary.json``);
@@ -24,7 +26,9 @@ Everything goes through the stock nnU-Net commands, as a user would type them:
 The planned U-Net is narrowed (16 .. 128 features per stage instead of nnU-Net's 32 .. 256 for this patch) so
 that the three trainers learn both classes on a CPU within the demo's minutes; everything else is as planned.
 
-Finished steps are reused when the command is run again on the same work folder.
+Finished steps are reused when the command is run again on the same work folder; a trained fold only if it was
+trained with the present settings and schedule (``demo_trainers.json`` records them), else the demo stops and says
+what to delete.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -49,12 +54,20 @@ DATASET_ID = 901
 DATASET = "Dataset901_SamsslDemo"
 CONFIG = "3d_fullres"
 
-# trainer -> settings (nnUNet_samssl_overrides) used in the demo, on top of the shared schedule
-TRAINERS: Dict[str, str] = {
-    "nnUNetTrainerLabeledSubset": "",
-    "nnUNetTrainerMeanTeacher": "",
-    "nnUNetTrainerSemiSAM": "sam_backend=litemedsam sam_num_clicks=3 sam_every=8 sam_max_crops=1",
+# the settings of the bundled mean_teacher_strong preset (strong student view, the teacher's confident argmax at
+# full weight): what the shifted few-label benchmark found to help (examples/fewlabel/README.md); SemiSAM takes
+# them too, so that its row differs from Mean Teacher's by the SAM term (a test keeps them equal to the preset)
+STRONG_CONSISTENCY = ("student_view=strong strong_view_strength=1.0 consistency_loss=hard_cross_entropy "
+                      "consistency_threshold=0.9 consistency_weight=1.0 consistency_rampup=1.0")
+# trainer -> (bundled config, nnUNet_samssl_config; settings, nnUNet_samssl_overrides) of the demo, on top of the
+# shared schedule; None = the trainer's default config
+TRAINERS: Dict[str, Tuple[Optional[str], str]] = {
+    "nnUNetTrainerLabeledSubset": (None, ""),
+    "nnUNetTrainerMeanTeacher": ("mean_teacher_strong", ""),
+    "nnUNetTrainerSemiSAM": (None, STRONG_CONSISTENCY + " sam_backend=litemedsam sam_num_clicks=3 sam_every=8 "
+                                   "sam_max_crops=1"),
 }
+TRAINED_WITH = "demo_trainers.json"  # in the work folder: the config and settings each trainer's fold was trained with
 SAM_TRAINER = "nnUNetTrainerSemiSAM"
 SAM_ROW = "SAM pseudo-label"  # panel of the SAM branch prompted by SAM_TRAINER's prediction
 FILE_ENDING = ".nii.gz"  # of the demo dataset
@@ -93,11 +106,13 @@ def _bin(name: str) -> str:
     return os.path.join(os.path.dirname(sys.executable), name)
 
 
-def _run(args: Sequence[str], env: Dict[str, str], log: str) -> None:
+def _run(args: Sequence[str], env: Dict[str, str], log: str, shown_env: Sequence[str] = ()) -> None:
+    """Runs a command of the venv, its output into ``log``; ``shown_env``: variables printed before the command."""
     start = time.time()
-    print(f"$ {' '.join(args)}", flush=True)
+    command = " ".join([f"{k}={env[k]}" for k in shown_env] + list(args))
+    print(f"$ {command}", flush=True)
     with open(log, "a") as f:
-        f.write(f"\n$ {' '.join(args)}\n")
+        f.write(f"\n$ {command}\n")
         f.flush()
         r = subprocess.run([_bin(args[0]), *args[1:]], env=env, stdout=f, stderr=subprocess.STDOUT)
     if r.returncode != 0:
@@ -319,15 +334,25 @@ def main(argv: Sequence[str] = None) -> None:
     labeled = labeled_source_cases(folders, raw, args.num_labeled)
     schedule = (f"num_epochs={args.epochs} num_iterations_per_epoch={args.iterations} "
                 f"num_val_iterations_per_epoch=1 " + format_override("labeled_cases", labeled))
+    folds = {t: os.path.join(folders["nnUNet_results"], DATASET, f"{t}__nnUNetPlans__{CONFIG}", "fold_0")
+             for t in args.trainers}
+    trained_with = {t: {"config": TRAINERS[t][0], "overrides": f"{schedule} {TRAINERS[t][1]}".strip()}
+                    for t in args.trainers}
+    for trainer in args.trainers:  # every reused fold checked before any training
+        check_trained_with(work, trainer, folds[trainer], trained_with[trainer])
     results = {}
     for trainer in args.trainers:
-        fold = os.path.join(folders["nnUNet_results"], DATASET, f"{trainer}__nnUNetPlans__{CONFIG}", "fold_0")
-        if not os.path.isfile(os.path.join(fold, "checkpoint_final.pth")):
-            overrides = f"{schedule} {TRAINERS[trainer]}".strip()
-            resume = ["--c"] if os.path.isdir(fold) else []
-            _run(["nnUNetv2_train", str(DATASET_ID), CONFIG, "0", "-tr", trainer, "-device", "cpu", *resume],
-                 dict(train_env, nnUNet_samssl_overrides=overrides), log)
+        fold = folds[trainer]
         prediction = os.path.join(work, "predictions", trainer)
+        if not os.path.isfile(os.path.join(fold, "checkpoint_final.pth")):
+            resume = ["--c"] if os.path.isdir(fold) else []
+            record_trained_with(work, trainer, trained_with[trainer])
+            trainer_env = dict(train_env, nnUNet_samssl_overrides=trained_with[trainer]["overrides"])
+            if trained_with[trainer]["config"] is not None:
+                trainer_env["nnUNet_samssl_config"] = trained_with[trainer]["config"]
+            _run(["nnUNetv2_train", str(DATASET_ID), CONFIG, "0", "-tr", trainer, "-device", "cpu", *resume],
+                 trainer_env, log, shown_env=[k for k in ("nnUNet_samssl_config",) if k in trainer_env])
+            shutil.rmtree(prediction, ignore_errors=True)  # made by a model trained before: predict again
         # SAM_TRAINER's probabilities prompt its SAM branch below
         extra = ["--save_probabilities"] if trainer == SAM_TRAINER else []
         wanted = _case_files(os.path.join(raw, "labelsTs"))
@@ -360,6 +385,35 @@ def main(argv: Sequence[str] = None) -> None:
                                                    reference, num_classes)))
     figure = demo_figure(raw, folders_of, os.path.join(work, "demo_heldout_slice.png"))
     print(f"\nPicture of one held-out slice per trainer: {figure}")
+
+
+def _trained_with(work: str) -> Dict[str, dict]:
+    path = os.path.join(work, TRAINED_WITH)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_trained_with(work: str, trainer: str, fold: str, wanted: Mapping[str, Optional[str]]) -> None:
+    """A fold of the work folder is reused (predicted, or resumed) only if it was trained with the demo's present
+    config and settings for ``trainer``, schedule included; else the demo stops before any step, naming the fix."""
+    if not os.path.isdir(fold):
+        return
+    recorded = _trained_with(work).get(trainer)
+    if recorded != dict(wanted):
+        what = ("by an earlier version of the demo" if recorded is None else
+                f"with other settings (config {recorded.get('config')}, '{recorded.get('overrides')}'; now "
+                f"config {wanted['config']}, '{wanted['overrides']}')")
+        raise SystemExit(f"{fold} was trained {what}: delete {os.path.dirname(fold)} (or the work folder {work}) "
+                         f"or pass another --workdir.")
+
+
+def record_trained_with(work: str, trainer: str, wanted: Mapping[str, Optional[str]]) -> None:
+    recorded = _trained_with(work)
+    recorded[trainer] = dict(wanted)
+    with open(os.path.join(work, TRAINED_WITH), "w") as f:
+        json.dump(recorded, f, indent=2)
 
 
 def figure_case(raw_dataset_folder: str) -> str:

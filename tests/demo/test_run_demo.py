@@ -195,3 +195,38 @@ def test_demo_refuses_a_work_folder_of_an_earlier_version(tmp_path, capsys):
     with pytest.raises(SystemExit, match="earlier version of the demo .*delete .*--workdir"):
         run_demo.main(["--workdir", str(tmp_path)])
     assert not (tmp_path / "demo.log").exists()
+
+
+def test_demo_trainers_use_the_strong_preset():
+    """Mean Teacher runs the bundled mean_teacher_strong preset, and SemiSAM its consistency settings exactly (so
+    that the two rows differ by the SAM term): resolved, SemiSAM's demo settings equal the preset's on every Mean
+    Teacher setting but the schedule's."""
+    from nnunetv2_samssl.config.schema import parse_overrides, resolve_config
+    from nnunetv2_samssl.config.settings import MEAN_TEACHER_SCHEMA, SEMISAM_SCHEMA
+
+    assert run_demo.TRAINERS["nnUNetTrainerMeanTeacher"] == ("mean_teacher_strong", "")
+    preset, _ = resolve_config(MEAN_TEACHER_SCHEMA, "mean_teacher", config="mean_teacher_strong", overrides={})
+    config, settings = run_demo.TRAINERS["nnUNetTrainerSemiSAM"]
+    semisam, _ = resolve_config(SEMISAM_SCHEMA, "semisam", config=config or "semisam",
+                                overrides=parse_overrides(settings))
+    plain, _ = resolve_config(MEAN_TEACHER_SCHEMA, "mean_teacher", config="mean_teacher", overrides={})
+    changed = {k for k in plain if plain[k] != preset[k]}
+    assert changed >= {"student_view", "consistency_loss", "consistency_weight"}
+    assert {k: semisam[k] for k in changed} == {k: preset[k] for k in changed}
+    assert semisam["sam_backend"] == "litemedsam"
+
+
+def test_demo_reuses_only_folds_trained_with_its_settings(tmp_path):
+    fold = tmp_path / "results" / "nnUNetTrainerMeanTeacher__nnUNetPlans__3d_fullres" / "fold_0"
+    wanted = {"config": "mean_teacher_strong", "overrides": "num_epochs=10 labeled_cases=['tr_001']"}
+    run_demo.check_trained_with(str(tmp_path), "nnUNetTrainerMeanTeacher", str(fold), wanted)  # nothing trained yet
+    fold.mkdir(parents=True)
+    with pytest.raises(SystemExit, match="earlier version of the demo: delete .*--workdir"):
+        run_demo.check_trained_with(str(tmp_path), "nnUNetTrainerMeanTeacher", str(fold), wanted)
+    run_demo.record_trained_with(str(tmp_path), "nnUNetTrainerMeanTeacher", wanted)
+    run_demo.check_trained_with(str(tmp_path), "nnUNetTrainerMeanTeacher", str(fold), wanted)
+    longer = dict(wanted, overrides="num_epochs=50 labeled_cases=['tr_001']")
+    with pytest.raises(SystemExit, match="with other settings .*num_epochs=10.*now .*num_epochs=50"):
+        run_demo.check_trained_with(str(tmp_path), "nnUNetTrainerMeanTeacher", str(fold), longer)
+    with pytest.raises(SystemExit, match="with other settings .*config mean_teacher_strong.*now config None"):
+        run_demo.check_trained_with(str(tmp_path), "nnUNetTrainerMeanTeacher", str(fold), dict(wanted, config=None))
