@@ -23,6 +23,7 @@ SOURCES: Dict[str, Tuple[int, int]] = {
     "shifted_long": (750, 0),
     "shifted_long_n4": (750, 1),
     "shifted_60": (1500, 0),
+    "shifted_60_n4": (1500, 1),
 }
 
 
