@@ -397,7 +397,7 @@ def _trained_with(work: str) -> Dict[str, dict]:
 
 def check_trained_with(work: str, trainer: str, fold: str, wanted: Mapping[str, Optional[str]]) -> None:
     """A fold of the work folder is reused (predicted, or resumed) only if it was trained with the demo's present
-    config and settings for ``trainer``, schedule included; else the demo stops before any step, naming the fix."""
+    config and settings for ``trainer``, schedule included; else the demo stops before any training, naming the fix."""
     if not os.path.isdir(fold):
         return
     recorded = _trained_with(work).get(trainer)
