@@ -77,7 +77,7 @@ FILE_ENDING = ".nii.gz"  # of the demo dataset
 DATASET_CASES = dict(num_labeled=10, num_unlabeled=12, num_test=8, shifted=True, num_source=4, shape=(24, 40, 40))
 
 
-DEFAULT_EPOCHS, DEFAULT_ITERATIONS = 10, 25
+DEFAULT_EPOCHS, DEFAULT_ITERATIONS = 10, 30
 NETWORK_WIDTHS = (16, 128)  # features of the first stage, and the most of any stage (nnU-Net plans 32 .. 320)
 
 
