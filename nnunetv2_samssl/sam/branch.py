@@ -209,8 +209,8 @@ class SamPseudoLabeler:
         return self.stage_times(name, device) if self.stage_times is not None else contextlib.nullcontext()
 
     def _autocast(self, device: torch.device):
-        if self.settings.autocast_bf16 and device.type == "cuda":
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        if (device.type == "cuda" and self.settings.autocast_bf16) or (device.type == "cpu" and self.settings.cpu_bf16):
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _encode(self, images: Tensor) -> Tensor:

@@ -204,7 +204,8 @@ def test_demo_trainers_use_the_strong_preset():
     from nnunetv2_samssl.config.schema import parse_overrides, resolve_config
     from nnunetv2_samssl.config.settings import MEAN_TEACHER_SCHEMA, SEMISAM_SCHEMA
 
-    assert run_demo.TRAINERS["nnUNetTrainerMeanTeacher"] == ("mean_teacher_strong", "")
+    mt_config, mt_settings = run_demo.TRAINERS["nnUNetTrainerMeanTeacher"]
+    assert (mt_config, mt_settings) == ("mean_teacher_strong", "teacher_diagnostics=false")  # logged only
     preset, _ = resolve_config(MEAN_TEACHER_SCHEMA, "mean_teacher", config="mean_teacher_strong", overrides={})
     config, settings = run_demo.TRAINERS["nnUNetTrainerSemiSAM"]
     semisam, _ = resolve_config(SEMISAM_SCHEMA, "semisam", config=config or "semisam",
@@ -214,6 +215,7 @@ def test_demo_trainers_use_the_strong_preset():
     assert changed >= {"student_view", "consistency_loss", "consistency_weight"}
     assert {k: semisam[k] for k in changed} == {k: preset[k] for k in changed}
     assert semisam["sam_backend"] == "litemedsam"
+    assert semisam["teacher_diagnostics"] is False and semisam["sam_diagnostics"] == "auto"  # SAM's are printed
 
 
 def test_demo_reuses_only_folds_trained_with_its_settings(tmp_path):
@@ -230,3 +232,23 @@ def test_demo_reuses_only_folds_trained_with_its_settings(tmp_path):
         run_demo.check_trained_with(str(tmp_path), "nnUNetTrainerMeanTeacher", str(fold), longer)
     with pytest.raises(SystemExit, match="with other settings .*config mean_teacher_strong.*now config None"):
         run_demo.check_trained_with(str(tmp_path), "nnUNetTrainerMeanTeacher", str(fold), dict(wanted, config=None))
+
+
+def test_demo_runs_sam_in_bf16_only_on_cpus_with_native_bf16():
+    """The SAM trainer gets ``sam_cpu_bf16=true`` on a CPU with native bf16 and nothing else changes; the other
+    trainers and other CPUs keep float32."""
+    from nnunetv2_samssl.config.schema import parse_overrides
+
+    trainers = list(run_demo.TRAINERS)
+    plain = run_demo.demo_trainer_settings(trainers, "num_epochs=2", native_bf16=False)
+    fast = run_demo.demo_trainer_settings(trainers, "num_epochs=2", native_bf16=True)
+    assert all("sam_cpu_bf16" not in s["overrides"] for s in plain.values())
+    for trainer in trainers:
+        assert fast[trainer]["config"] == plain[trainer]["config"] == run_demo.TRAINERS[trainer][0]
+        before, after = parse_overrides(plain[trainer]["overrides"]), parse_overrides(fast[trainer]["overrides"])
+        assert before["num_epochs"] == 2
+        if trainer == run_demo.SAM_TRAINER:
+            assert after == {**before, "sam_cpu_bf16": True}
+        else:
+            assert after == before
+    assert isinstance(run_demo.cpu_has_native_bf16(), bool)

