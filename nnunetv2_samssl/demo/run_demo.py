@@ -113,6 +113,14 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(check()) for check in checks if check is not None)
 
 
+def demo_schedule(epochs: int, iterations: int, labeled: Sequence[str], seed: int) -> str:
+    """The overrides every trainer of the demo shares: its schedule, its labeled cases and its ``training_seed``
+    (none when ``seed`` < 0)."""
+    schedule = (f"num_epochs={epochs} num_iterations_per_epoch={iterations} num_val_iterations_per_epoch=1 "
+                + format_override("labeled_cases", labeled))
+    return schedule if seed < 0 else f"{schedule} training_seed={seed}"
+
+
 def demo_trainer_settings(trainers: Sequence[str], schedule: str, native_bf16: bool) -> Dict[str, dict]:
     """trainer -> its bundled config and overrides (the shared schedule, then the trainer's own settings). On a
     CPU with native bf16 the SAM branch runs under bf16 autocast (``sam_cpu_bf16``: LiteMedSAM's encoder about 3x
@@ -325,6 +333,9 @@ def main(argv: Sequence[str] = None) -> None:
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS, help="training iterations per epoch")
     parser.add_argument("--trainers", nargs="+", default=list(TRAINERS), choices=list(TRAINERS))
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training_seed of every trainer: the same initial weights and labeled patches for all, "
+                             "and a run that repeats the README's (default 0; -1: unseeded, as nnU-Net)")
     args = parser.parse_args(argv)
 
     work = os.path.abspath(args.workdir)
@@ -356,8 +367,7 @@ def main(argv: Sequence[str] = None) -> None:
 
     train_env = dict(env, nnUNet_n_proc_DA=env.get("nnUNet_n_proc_DA", "1"))
     labeled = labeled_source_cases(folders, raw, args.num_labeled)
-    schedule = (f"num_epochs={args.epochs} num_iterations_per_epoch={args.iterations} "
-                f"num_val_iterations_per_epoch=1 " + format_override("labeled_cases", labeled))
+    schedule = demo_schedule(args.epochs, args.iterations, labeled, args.seed)
     folds = {t: os.path.join(folders["nnUNet_results"], DATASET, f"{t}__nnUNetPlans__{CONFIG}", "fold_0")
              for t in args.trainers}
     trained_with = demo_trainer_settings(args.trainers, schedule, cpu_has_native_bf16())
