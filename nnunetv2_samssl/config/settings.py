@@ -267,7 +267,7 @@ class SamLabelerSettings(SettingsGroup):
                               doc="Model-grid voxels added around box prompts (2D models).")
     cpu_bf16: bool = setting(False, key="sam_cpu_bf16", types=(bool,),
                              doc="bf16 autocast of the promptable model on CPU too (on CUDA it always runs in bf16): "
-                                 "about 3x faster LiteMedSAM encoding on CPUs with native bf16 (AVX512-BF16, AMX), "
+                                 "about 2x faster LiteMedSAM encoding on CPUs with native bf16 (AVX512-BF16, AMX), "
                                  "slower on others; pseudo-labels differ slightly from float32 ones.")
     slice_axis: int = setting(0, key="sam_slice_axis", types=(int,), minimum=0, maximum=2,
                               doc="Axis of the slices when a 2D backend serves a 3D configuration.")

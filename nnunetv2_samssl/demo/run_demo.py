@@ -123,7 +123,7 @@ def demo_schedule(epochs: int, iterations: int, labeled: Sequence[str], seed: in
 
 def demo_trainer_settings(trainers: Sequence[str], schedule: str, native_bf16: bool) -> Dict[str, dict]:
     """trainer -> its bundled config and overrides (the shared schedule, then the trainer's own settings). On a
-    CPU with native bf16 the SAM branch runs under bf16 autocast (``sam_cpu_bf16``: LiteMedSAM's encoder about 3x
+    CPU with native bf16 the SAM branch runs under bf16 autocast (``sam_cpu_bf16``: LiteMedSAM's encoder about 2x
     faster there, its pseudo-labels within a fraction of a Dice point of float32's); elsewhere in float32."""
     settings = {}
     for trainer in trainers:
