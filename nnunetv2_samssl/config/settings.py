@@ -84,6 +84,10 @@ class TrainingSettings(SettingsGroup):
                                         nullable=True, minimum=0.0, exclusive_minimum=True)
     save_every: int = _user(types=(int,), doc="Write checkpoint_latest.pth every this many epochs (nnU-Net: 50).",
                             minimum=1)
+    final_validation: bool = _user(types=(bool,), doc="After the last epoch, run nnU-Net's validation of the fold's "
+                                   "validation cases (validation/, its summary.json is what "
+                                   "nnUNetv2_find_best_configuration and the few-label benchmark read), as nnU-Net "
+                                   "does. false skips it; nnUNetv2_train ... --val runs it later all the same.")
 
 
 @dataclass(frozen=True)

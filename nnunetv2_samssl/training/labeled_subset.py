@@ -9,6 +9,7 @@
   training cases (:attr:`demoted_cases`) are left out by the supervised baseline and used as unlabeled by the
   semi-supervised trainers;
 - saves the settings in force as ``samssl_config.yaml`` when training starts;
+- skips nnU-Net's final validation when ``final_validation`` is false (``--val`` still runs it);
 - with ``training_seed``, seeds the initial weights and every data stream (``seeding.py``).
 """
 from __future__ import annotations
@@ -139,6 +140,15 @@ class LabeledSubsetMixin(nnUNetSeam):
     def on_train_start(self):
         super().on_train_start()
         self.save_effective_config()
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's validation of the fold's validation cases, unless ``final_validation`` is false and this is the
+        run that trained (``nnUNetv2_train ... --val`` always validates)."""
+        if not self.final_validation and not started_for_validation():
+            self.print_to_log_file("final_validation is false: nnU-Net's validation of the fold's validation cases "
+                                   "is skipped (no validation/ folder); run it with nnUNetv2_train ... --val")
+            return
+        return super().perform_actual_validation(save_probabilities)
 
     # ------------------------------------------------------------------ seeding
     def initialize(self):
