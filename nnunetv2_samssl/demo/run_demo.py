@@ -114,10 +114,11 @@ def cpu_has_native_bf16() -> bool:
 
 
 def demo_schedule(epochs: int, iterations: int, labeled: Sequence[str], seed: int) -> str:
-    """The overrides every trainer of the demo shares: its schedule, its labeled cases and its ``training_seed``
-    (none when ``seed`` < 0)."""
+    """The overrides every trainer of the demo shares: its schedule, its labeled cases, no final validation of the
+    fold's validation cases (the demo scores the held-out test cases; ``nnUNetv2_train ... --val`` would run it)
+    and its ``training_seed`` (none when ``seed`` < 0)."""
     schedule = (f"num_epochs={epochs} num_iterations_per_epoch={iterations} num_val_iterations_per_epoch=1 "
-                + format_override("labeled_cases", labeled))
+                "final_validation=false " + format_override("labeled_cases", labeled))
     return schedule if seed < 0 else f"{schedule} training_seed={seed}"
 
 
@@ -357,7 +358,9 @@ def main(argv: Sequence[str] = None) -> None:
         raise SystemExit(f"{raw} was written by an earlier version of the demo (no cohorts.json): delete {work} or "
                          f"pass another --workdir.")
     if not os.path.isdir(os.path.join(folders["nnUNet_preprocessed"], DATASET, "nnUNetPlans_3d_fullres")):
-        _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIG, "-np", "2"], env, log)
+        # -npfp: nnU-Net's fingerprint extraction starts 8 processes by default, slower than 2 on a small machine
+        _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", CONFIG, "-np", "2", "-npfp", "2"], env,
+             log)
         pp = os.path.join(folders["nnUNet_preprocessed"], DATASET)
         print(f"$ (demo) U-Net of {CONFIG} narrowed to {NETWORK_WIDTHS[0]}..{NETWORK_WIDTHS[1]} features per stage "
               f"in nnUNetPlans.json (planned: {' '.join(map(str, planned_widths(pp, CONFIG)))}), so that three "
@@ -392,10 +395,12 @@ def main(argv: Sequence[str] = None) -> None:
         if not set(wanted) <= set(_case_files(prediction)) or (
                 extra and not all(os.path.isfile(os.path.join(prediction, c[:-len(FILE_ENDING)] + ".npz"))
                                   for c in wanted)):
+            # -npp 0 -nps 0: nnU-Net predicts in its own process; worker processes cost more start-up than these
+            # small cases cost to preprocess and export
             _run(["nnUNetv2_predict", "-i", os.path.join(raw, "imagesTs"), "-o", prediction, "-d", str(DATASET_ID),
-                  "-c", CONFIG, "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1",
+                  "-c", CONFIG, "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "0", "-nps", "0",
                   "--disable_tta", *extra], env, log)
-        results[trainer] = evaluate_predictions(prediction, raw, int(env["nnUNet_def_n_proc"]))
+        results[trainer] = evaluate_predictions(prediction, raw, 1)  # one worker: small cases, start-up dominates
     folders_of = {t: os.path.join(work, "predictions", t) for t in results}
     print("\n" + results_table(results, f"Held-out Dice ({len(_case_files(os.path.join(raw, 'labelsTs')))} test "
                                         f"cases from 3 other sites, {len(labeled)} labeled source-site training "

@@ -259,7 +259,8 @@ def test_demo_schedule_seeds_every_trainer_alike():
 
     seeded = parse_overrides(run_demo.demo_schedule(10, 30, ["tr_001", "tr_002"], 0))
     assert seeded == {"num_epochs": 10, "num_iterations_per_epoch": 30, "num_val_iterations_per_epoch": 1,
-                      "labeled_cases": ["tr_001", "tr_002"], "training_seed": 0}
+                      "final_validation": False, "labeled_cases": ["tr_001", "tr_002"],
+                      "training_seed": 0}
     assert "training_seed" not in parse_overrides(run_demo.demo_schedule(10, 30, ["tr_001"], -1))
     for settings in run_demo.demo_trainer_settings(list(run_demo.TRAINERS), run_demo.demo_schedule(
             10, 30, ["tr_001"], 3), native_bf16=False).values():
