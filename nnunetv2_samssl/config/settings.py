@@ -250,7 +250,7 @@ class SamLabelerSettings(SettingsGroup):
     prompt_source: str = setting("student", key="sam_prompt_source", types=(str,),
                                  choices=("student", "teacher", "mean"), doc="Probabilities the prompts come from.")
     prompt_kind: str = setting("auto", key="sam_prompt_kind", types=(str,), choices=("auto", "points", "boxes"),
-                               doc="auto: points (boxes for litemedsam, which was trained with boxes).")
+                               doc="auto: the prompt the model was trained with (boxes for litemedsam), else points.")
     max_crops: Optional[int] = setting(None, key="sam_max_crops", types=(int,), nullable=True, minimum=1,
                                        doc="Encode at most this many model-space crops per SAM call (random subset; "
                                            "null = all). Bounds the encoder cost: slices in slice-wise mode, tiles "

@@ -89,13 +89,9 @@ def build_sam_labeler(model_settings: SamModelSettings, labeler_settings: SamLab
                       device: torch.device, channel_names: Optional[Mapping[str, str]] = None):
     """The promptable model named by the settings, frozen, behind a :class:`SamPseudoLabeler`.
     ``channel_names`` (dataset.json) resolve the setting ``sam_image_channel``."""
-    import dataclasses
-
     from nnunetv2_samssl.sam.branch import SamPseudoLabeler
 
     model = build_promptable(model_settings, device, channel_names)
-    if labeler_settings.prompt_kind == "auto" and model_settings.sam_backend == "litemedsam":
-        labeler_settings = dataclasses.replace(labeler_settings, prompt_kind="boxes")  # trained with boxes
     return SamPseudoLabeler.from_settings(model, labeler_settings)
 
 

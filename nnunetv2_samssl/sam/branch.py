@@ -145,7 +145,8 @@ class SamPseudoLabeler:
             decoder passes in ``point``/``unc`` mode, the first with the initial SemiSAM points, every later one
             adding exactly one click (all earlier points kept) with the previous low-res logits as mask prompt
             (when the model accepts masks); prompts only where the uncertainty is below ``uncertainty_threshold``;
-            ``prompt_kind`` ``auto`` means points when the model accepts them, else boxes (in ``mask`` mode a box
+            ``prompt_kind`` ``auto`` means the model's ``input_space.trained_prompt`` (LiteMedSAM: boxes), else
+            points when the model accepts them, else boxes (in ``mask`` mode a box
             goes with the mask prompt for box-only models); ``max_crops`` encodes a random subset of the crops
             (drawn with the call's generator), the voxels of the others stay uncovered (invalid) in this call;
             ``roi_margin`` ``None`` resolves to 0.05 for fixed-spacing (SAM-Med3D) and 0.3 for resized (2D) models.
@@ -158,7 +159,9 @@ class SamPseudoLabeler:
             settings = dataclasses.replace(settings, **overrides)  # validated again by the dataclass
         kinds = set(model.input_space.prompt_kinds)
         if settings.prompt_kind == "auto":
-            sparse = "points" if "points" in kinds else "boxes" if "boxes" in kinds else None
+            trained = model.input_space.trained_prompt
+            sparse = (trained if trained in kinds else
+                      "points" if "points" in kinds else "boxes" if "boxes" in kinds else None)
         else:
             sparse = settings.prompt_kind if settings.prompt_kind in kinds else None
         if settings.mode == "grid":

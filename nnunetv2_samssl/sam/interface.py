@@ -37,6 +37,8 @@ class InputSpace:
             mask, zeros at the first click), so its learned "no mask" embedding is untrained: the first decode of
             a click loop gets a zero ``(Q, 1, *low_res_size)`` mask prompt instead of none. 2D SAMs trained
             without masks on the first pass keep theirs.
+        trained_prompt: the sparse prompt kind the model was trained with, which ``prompt_kind: auto`` chooses
+            (LiteMedSAM: ``"boxes"``); ``None``: points when the model accepts them, else boxes.
     """
 
     ndim: int
@@ -46,6 +48,7 @@ class InputSpace:
     low_res_size: Tuple[int, ...]
     prompt_kinds: frozenset
     first_pass_mask_prompt: bool = False
+    trained_prompt: Optional[str] = None
 
 
 class PromptableModel(nn.Module):

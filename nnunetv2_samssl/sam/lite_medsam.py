@@ -16,6 +16,7 @@ initialisation and were not trained on medical data): they are accepted, but exp
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -69,6 +70,8 @@ class LiteMedSAMPromptable(SegmentAnything2DPromptable):
         # LiteMedSAM takes [0, 1] intensities as they are: identity mean/std
         super().__init__(image_encoder, prompt_encoder, mask_decoder, pixel_mean=(0.0, 0.0, 0.0),
                          pixel_std=(1.0, 1.0, 1.0), image_channel=image_channel, multimask_output=multimask_output)
+        # trained with box prompts only (MedSAM's recipe): prompt_kind auto chooses boxes
+        self.input_space = dataclasses.replace(self.input_space, trained_prompt="boxes")
 
     @classmethod
     def from_checkpoint(cls, path: Optional[Union[str, Path]] = None, device: Union[str, torch.device] = "cpu", *,
