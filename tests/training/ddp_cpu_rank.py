@@ -80,7 +80,6 @@ def install(spec: dict, holder: dict) -> None:
     from nnunetv2_samssl.training import nnunet_seam
     from nnunetv2_samssl.training.nnUNetTrainerLabeledSubset import nnUNetTrainerLabeledSubset
     from nnunetv2_samssl.training.nnUNetTrainerCPACSAM import nnUNetTrainerCPACSAM
-    from nnunetv2_samssl.training.nnUNetTrainerMeanTeacher import nnUNetTrainerMeanTeacher
     from nnunetv2_samssl.training.nnunet_seam import nnUNetSeam
     from nnunetv2_samssl.training.ssl_trainer import nnUNetTrainerSSLBase
 
@@ -131,10 +130,6 @@ def install(spec: dict, holder: dict) -> None:
     # progress.png takes seconds of matplotlib per epoch and has nothing to do with DDP
     from nnunetv2.training.logging.nnunet_logger import MetaLogger
     MetaLogger.plot_progress_png = lambda self, output_folder: None
-
-    if spec.get("skip_final_validation"):  # nnU-Net's own DDP validation; its export pool costs start-up time
-        nnUNetTrainer.perform_actual_validation = lambda self, *a, **k: RECORD.setdefault("validation_skipped", True)
-        nnUNetTrainerMeanTeacher.perform_actual_validation = nnUNetTrainer.perform_actual_validation
 
     # ---- recording
     next_unlabeled = nnUNetTrainerSSLBase.next_unlabeled_batch

@@ -79,9 +79,12 @@ def launch(phases: List[Phase], work: str, timeout: float = 600) -> Dict[str, Ru
     procs, logs = [], []
     for rank in range(WORLD):
         spec = {"rank": rank, "world_size": WORLD, "dataset": str(DATASET_ID), "configuration": CONFIG, "fold": 0,
-                "skip_final_validation": True, "out": work,
+                "out": work,
+                # nnU-Net's own DDP validation is not what these tests check; its export pool costs start-up time.
+                # A bare --c keeps it off through the saved settings.
                 "phases": [{"name": p.name, "trainer": p.trainer, "env": p.env.env(),
-                            "overrides": None if p.settings is None else _overrides(p.settings),
+                            "overrides": None if p.settings is None else _overrides(
+                                {**p.settings, "final_validation": False}),
                             "continue_training": p.continue_training, "interrupt_after": p.interrupt_after}
                            for p in phases]}
         spec_path = os.path.join(work, f"spec{rank}.json")
