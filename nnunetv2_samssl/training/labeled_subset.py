@@ -144,11 +144,16 @@ class LabeledSubsetMixin(nnUNetSeam):
     def perform_actual_validation(self, save_probabilities: bool = False):
         """nnU-Net's validation of the fold's validation cases, unless ``final_validation`` is false and this is the
         run that trained (``nnUNetv2_train ... --val`` always validates)."""
-        if not self.final_validation and not started_for_validation():
+        if self.skips_final_validation():
             self.print_to_log_file("final_validation is false: nnU-Net's validation of the fold's validation cases "
                                    "is skipped (no validation/ folder); run it with nnUNetv2_train ... --val")
             return
         return super().perform_actual_validation(save_probabilities)
+
+    def skips_final_validation(self) -> bool:
+        """True when ``perform_actual_validation`` will skip nnU-Net's validation (``final_validation`` false and
+        not started with ``--val``)."""
+        return not self.final_validation and not started_for_validation()
 
     # ------------------------------------------------------------------ seeding
     def initialize(self):

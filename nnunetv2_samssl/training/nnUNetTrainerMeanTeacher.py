@@ -176,8 +176,9 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
             self.network = student
 
     def perform_actual_validation(self, save_probabilities: bool = False):
-        """nnU-Net's final validation, run with the weights ``predict_with`` selects."""
-        if self.settings.mean_teacher.predict_with != "teacher":
+        """nnU-Net's final validation, run with the weights ``predict_with`` selects (no weights are swapped when
+        ``final_validation`` skips it)."""
+        if self.settings.mean_teacher.predict_with != "teacher" or self.skips_final_validation():
             return super().perform_actual_validation(save_probabilities)
         student = unwrap(self.network)
         saved = {k: v.detach().clone() for k, v in student.state_dict().items()}
