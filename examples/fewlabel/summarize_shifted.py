@@ -1,0 +1,171 @@
+"""Summaries of the shifted-cohort benchmark (dataset 903) across the committed results folders of README.md that
+used paired seeds.
+
+    python examples/fewlabel/summarize_shifted.py   # writes the four files below next to it
+
+- ``schedule_gain.md`` / ``.png``: the gain of Mean Teacher (``mt_strong_hard``) over labeled-only nnU-Net against
+  the training length. Each point is one seed; lines join the mean gain over the seeds of each length.
+- ``shifted_1500.md`` / ``.png``: every row run at 1500 iterations (labeled-only, Mean Teacher, SemiSAM, ...), per
+  seed and N, with the mean and spread over the seeds each row has.
+
+A gain is the test Dice of a run minus that of the labeled-only run with the same training seed in the same folder
+(``dice_gain_paired``), in points. A run that is in two folders (copied so that a folder's table has its pair)
+must have the same Dice in both.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import statistics
+from collections import defaultdict
+from typing import Dict, List, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BASELINE = "labeled-only"
+SCHEDULE_ROW = "mt_strong_hard"
+# results folder -> (iterations per run, training seed of repeat 0: --training-seed of its command)
+SOURCES: Dict[str, Tuple[int, int]] = {
+    "shifted_levers": (375, 0),
+    "shifted_long": (750, 0),
+    "shifted_long_n4": (750, 1),
+    "shifted_60": (1500, 0),
+    "shifted_60_n4": (1500, 1),
+    "shifted_60_n4_seed2": (1500, 2),
+}
+ROWS_1500 = {  # row -> label in the 1500-iteration table, in this order
+    BASELINE: "labeled-only nnU-Net",
+    "mt_strong_hard": "Mean Teacher, `mt_strong_hard` (preset `mean_teacher_strong`)",
+    "mt_strong_hard_ema095": "Mean Teacher, `mt_strong_hard` with `ema_decay=0.95`",
+    "sam_strong": "SemiSAM, `sam_strong` (`mt_strong_hard` + LiteMedSAM term)",
+}
+
+Run = Tuple[float, float]  # (test Dice, gain over the labeled-only run of the same seed, points; nan for it)
+
+
+def read_runs() -> Dict[Tuple[str, int, int], Dict[int, Run]]:
+    """{(row, N, iterations): {seed: (Dice, gain)}}; row is the variant name or ``labeled-only``."""
+    out: Dict[Tuple[str, int, int], Dict[int, Run]] = defaultdict(dict)
+    for folder, (iterations, first_seed) in SOURCES.items():
+        with open(os.path.join(HERE, folder, "fewlabel_results.csv")) as f:
+            for r in csv.DictReader(f):
+                row = BASELINE if r["kind"] == "supervised" else (r["variant"] or r["trainer"])
+                seed = first_seed + int(r["repeat"])
+                gain = float("nan") if row == BASELINE else 100 * float(r["dice_gain_paired"])
+                if row != BASELINE and math.isnan(gain):
+                    raise ValueError(f"{folder}: run {r['repeat']} of {row} has no labeled-only pair")
+                key = (row, int(r["num_labeled"]), iterations)
+                run = (float(r["dice_mean"]), gain)
+                if seed in out[key] and out[key][seed][0] != run[0]:
+                    raise ValueError(f"{row}, seed {seed}, N = {key[1]}, {iterations} iterations: two folders "
+                                     f"with different results ({out[key][seed][0]} and {run[0]})")
+                out[key][seed] = run
+    return out
+
+
+def _mean_std(values: List[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:+.1f} (one seed)"
+    return f"{statistics.mean(values):+.1f} ± {statistics.stdev(values):.1f} ({len(values)} seeds)"
+
+
+def schedule_table(runs) -> str:
+    lines = ["| N | iterations | seeds | labeled-only Dice per seed | `mt_strong_hard` Dice per seed | "
+             "gain per seed (points) | mean gain ± std |", "|---|---|---|---|---|---|---|"]
+    for (row, n, iterations) in sorted(k for k in runs if k[0] == SCHEDULE_ROW):
+        mt, base = runs[(row, n, iterations)], runs[(BASELINE, n, iterations)]
+        seeds = sorted(mt)
+        g = [mt[s][1] for s in seeds]
+        lines.append(f"| {n} | {iterations} | {', '.join(map(str, seeds))} | "
+                     f"{', '.join(f'{base[s][0]:.3f}' for s in seeds)} | "
+                     f"{', '.join(f'{mt[s][0]:.3f}' for s in seeds)} | "
+                     f"{', '.join(f'{x:+.1f}' for x in g)} | {_mean_std(g)} |")
+    return "\n".join(lines) + "\n"
+
+
+def rows_table(runs, iterations: int = 1500) -> str:
+    seeds = sorted({s for (row, n, it), by_seed in runs.items() if it == iterations for s in by_seed})
+    lines = ["| row | N | " + " | ".join(f"seed {s}" for s in seeds) + " | mean Dice | mean gain ± std |",
+             "|---|---|" + "---|" * len(seeds) + "---|---|"]
+    for n in (2, 4):
+        for row, label in ROWS_1500.items():
+            by_seed = runs.get((row, n, iterations))
+            if not by_seed:
+                continue
+            cells = [("" if s not in by_seed else f"{by_seed[s][0]:.3f}" if row == BASELINE
+                      else f"{by_seed[s][0]:.3f} ({by_seed[s][1]:+.1f})") for s in seeds]
+            dice = statistics.mean(v[0] for v in by_seed.values())
+            gain = "" if row == BASELINE else _mean_std([v[1] for v in by_seed.values()])
+            lines.append(f"| {label} | {n} | " + " | ".join(cells) + f" | {dice:.3f} | {gain} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_schedule(runs, path: str) -> None:
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for ax, n in zip(axes, (2, 4)):
+        lengths = sorted(it for (row, m, it) in runs if row == SCHEDULE_ROW and m == n)
+        means: List[float] = []
+        for it in lengths:
+            by_seed = runs[(SCHEDULE_ROW, n, it)]
+            for seed, (_, g) in sorted(by_seed.items()):
+                ax.scatter(it, g, color=f"C{seed}", s=25, zorder=3, label=f"seed {seed}" if it == lengths[0] else None)
+            means.append(statistics.mean(r[1] for r in by_seed.values()))
+        ax.plot(lengths, means, "k-", lw=1.5, label="mean over seeds")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.axhline(5, color="grey", lw=0.8, ls="--", label="5 points")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(x) for x in lengths])
+        ax.set_xlabel("training iterations")
+        ax.set_title(f"N = {n} labeled cases")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("test Dice gain over labeled-only (points)")
+    fig.suptitle("Mean Teacher (strong view, hard targets) on the shifted cohort, paired seeds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_rows(runs, path: str, iterations: int = 1500) -> None:
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in ROWS_1500 if r != BASELINE]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
+    for ax, n in zip(axes, (2, 4)):
+        for i, row in enumerate(rows):
+            by_seed = runs.get((row, n, iterations), {})
+            for seed, (_, g) in sorted(by_seed.items()):
+                ax.scatter(i, g, color=f"C{seed}", s=30, zorder=3, label=f"seed {seed}" if i == 0 else None)
+            if by_seed:
+                ax.hlines(statistics.mean(v[1] for v in by_seed.values()), i - 0.3, i + 0.3, color="k", lw=2)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.axhline(5, color="grey", lw=0.8, ls="--")
+        ax.set_xticks(range(len(rows)), rows, rotation=20, fontsize=7)
+        ax.set_xlim(-0.6, len(rows) - 0.4)
+        ax.set_title(f"N = {n} labeled cases")
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            ax.legend(fontsize=7)
+    axes[0].set_ylabel("test Dice gain over labeled-only (points)")
+    fig.suptitle(f"Shifted cohort, {iterations} iterations: gain per paired seed (bar: mean; dashed: 5 points)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    runs = read_runs()
+    for name, text in (("schedule_gain.md", schedule_table(runs)), ("shifted_1500.md", rows_table(runs))):
+        with open(os.path.join(HERE, name), "w") as f:
+            f.write(text)
+        print(text)
+    plot_schedule(runs, os.path.join(HERE, "schedule_gain.png"))
+    plot_rows(runs, os.path.join(HERE, "shifted_1500.png"))
+
+
+if __name__ == "__main__":
+    main()
