@@ -33,6 +33,7 @@ SOURCES: Dict[str, Tuple[int, int]] = {
     "shifted_60_n4": (1500, 1),
     "shifted_60_n4_seed2": (1500, 2),
     "shifted_60_n4_seed0": (1500, 0),
+    "shifted_60_n2_sam": (1500, 0),
 }
 ROWS_1500 = {  # row -> label in the 1500-iteration table, in this order
     BASELINE: "labeled-only nnU-Net",
