@@ -40,6 +40,7 @@ SOURCES: Dict[str, Tuple[int, int, int]] = {
     "shifted_60_n2_sam": (1500, 0, 1),
     "shifted_60_n2_sam_seed1": (1500, 1, 2),
     "shifted_60_n2_sam_seed2": (1500, 2, 2),
+    "shifted_60_n2_seed0_check": (1500, 0, 2),
 }
 MACHINES = {1: "", 2: ", second machine"}  # suffix of a row's label
 ROWS_1500 = {  # row -> label in the 1500-iteration table, in this order
