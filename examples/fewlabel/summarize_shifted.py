@@ -12,8 +12,9 @@ used paired seeds.
 A gain is the test Dice of a run minus that of the labeled-only run with the same training seed in the same folder
 (``dice_gain_paired``), in points. A seeded run reproduces to the last digit on one machine and environment, not
 necessarily on another (another CPU's kernels or other package versions round differently, and 1500 iterations
-amplify it), so each folder names its machine and a row gets one line per machine. A run that is in two folders of one machine (copied so that a folder's table has
-its pair) must have the same Dice in both. The schedule table and plot use the first machine, which ran every length.
+amplify it), so each folder names its machine and a row gets one line per machine. A run that is in two folders of
+one machine (copied so that a folder's table has its pair) must have the same Dice in both. The schedule table and
+plot use the first machine, which ran every length.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ SOURCES: Dict[str, Tuple[int, int, int]] = {
     "shifted_60_n2_sam_seed2": (1500, 2, 2),
     "shifted_60_n2_seed0_check": (1500, 0, 2),
 }
-MACHINES = {1: "", 2: ", second machine"}  # suffix of a row's label
+MACHINES = {1: "first", 2: "second"}
 ROWS_1500 = {  # row -> label in the 1500-iteration table, in this order
     BASELINE: "labeled-only nnU-Net",
     "mt_strong_hard": "Mean Teacher, `mt_strong_hard` (preset `mean_teacher_strong`)",
@@ -74,10 +75,15 @@ def read_runs() -> Dict[Key, Dict[int, Run]]:
     return out
 
 
-def _mean_std(values: List[float]) -> str:
+def _mean_std(values: List[float], unit: str = "seed") -> str:
     if len(values) == 1:
-        return f"{values[0]:+.1f} (one seed)"
-    return f"{statistics.mean(values):+.1f} ± {statistics.stdev(values):.1f} ({len(values)} seeds)"
+        return f"{values[0]:+.1f} (one {unit})"
+    return f"{statistics.mean(values):+.1f} ± {statistics.stdev(values):.1f} ({len(values)} {unit}s)"
+
+
+def _machine_suffix(machine: int) -> str:
+    """What a row's label says of its machine: nothing for the first."""
+    return "" if machine == FIRST_MACHINE else f", {MACHINES[machine]} machine"
 
 
 def schedule_table(runs) -> str:
@@ -116,12 +122,12 @@ def rows_table(runs, iterations: int = 1500) -> str:
 
     for n in (2, 4):
         for row, label in ROWS_1500.items():
-            machines = [m for m in MACHINES if runs.get((row, n, iterations, m))]
-            for m in machines:
-                lines.append(line(label + MACHINES[m], n, runs[(row, n, iterations, m)], row == BASELINE))
-            if row != BASELINE and len(machines) > 1:  # each seed's pair once, from the first machine that ran it
-                lines.append(line(f"{label}, every seed", n,
-                                  pooled(runs, row, n, iterations), False))
+            per_machine = {m: runs[(row, n, iterations, m)] for m in MACHINES if runs.get((row, n, iterations, m))}
+            for m, by_seed in per_machine.items():
+                lines.append(line(label + _machine_suffix(m), n, by_seed, row == BASELINE))
+            every = pooled(runs, row, n, iterations)
+            if row != BASELINE and len(per_machine) > 1 and all(len(every) > len(b) for b in per_machine.values()):
+                lines.append(line(f"{label}, every seed", n, every, False))  # seeds no one machine has together
     lines += ["", "SemiSAM (`sam_strong`) minus Mean Teacher (`mt_strong_hard`), test Dice points, for every seed where "
               "both ran on one machine (so against the same labeled-only run):", "",
               "| N | machine | seed | Mean Teacher gain | SemiSAM gain | SemiSAM minus Mean Teacher |",
@@ -133,10 +139,10 @@ def rows_table(runs, iterations: int = 1500) -> str:
             sam = runs.get(("sam_strong", n, iterations, m), {})
             for s in sorted(set(mt) & set(sam)):
                 diffs[n].append(sam[s][1] - mt[s][1])
-                lines.append(f"| {n} | {'first' if m == FIRST_MACHINE else 'second'} | {s} | {mt[s][1]:+.1f} | "
+                lines.append(f"| {n} | {MACHINES[m]} | {s} | {mt[s][1]:+.1f} | "
                              f"{sam[s][1]:+.1f} | {diffs[n][-1]:+.1f} |")
         if diffs[n]:
-            lines.append(f"| {n} | | mean | | | {_mean_std(diffs[n]).replace('seeds', 'pairs').replace('seed', 'pair')} |")
+            lines.append(f"| {n} | | mean | | | {_mean_std(diffs[n], unit='pair')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -181,7 +187,7 @@ def plot_rows(runs, path: str, iterations: int = 1500) -> None:
             for m, marker in zip(MACHINES, "o^"):
                 for seed, (_, g) in sorted(runs.get((row, n, iterations, m), {}).items()):
                     ax.scatter(i + (0.12 if m != FIRST_MACHINE else 0), g, color=f"C{seed}", marker=marker, s=30,
-                               zorder=3, label=f"seed {seed}" + MACHINES[m] if i == 0 or m != FIRST_MACHINE else None)
+                               zorder=3, label=f"seed {seed}" + _machine_suffix(m) if i == 0 or m != FIRST_MACHINE else None)
             by_seed = pooled(runs, row, n, iterations)
             if by_seed:
                 ax.hlines(statistics.mean(v[1] for v in by_seed.values()), i - 0.3, i + 0.3, color="k", lw=2)
