@@ -72,6 +72,11 @@ class LiteMedSAMPromptable(SegmentAnything2DPromptable):
                          pixel_std=(1.0, 1.0, 1.0), image_channel=image_channel, multimask_output=multimask_output)
         # trained with box prompts only (MedSAM's recipe): prompt_kind auto chooses boxes
         self.input_space = dataclasses.replace(self.input_space, trained_prompt="boxes")
+        # TinyViT's patch embedding and first stage are convolutions at the full 256 x 256 (64 and 256
+        # channels), where most of its 75 GFLOP per image go; oneDNN runs them faster on channels-last
+        # tensors (scripts/bench_lite_medsam.py, one image on 2 cores of a Xeon / an EPYC: 1.33 -> 1.25 s /
+        # 2.01 -> 1.43 s in float32, 0.90 -> 0.64 s / 1.15 -> 0.92 s under bf16 autocast).
+        self.image_encoder.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_checkpoint(cls, path: Optional[Union[str, Path]] = None, device: Union[str, torch.device] = "cpu", *,
@@ -105,6 +110,11 @@ class LiteMedSAMPromptable(SegmentAnything2DPromptable):
                                           + family_hint(state_dict, "litemedsam"))
         model = cls(network.image_encoder, network.prompt_encoder, network.mask_decoder, **kwargs)
         return model.frozen().to(device)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """As :meth:`SegmentAnything2DPromptable.encode`, on channels-last images; the embeddings come back
+        in the default (contiguous) layout."""
+        return super().encode(images.contiguous(memory_format=torch.channels_last)).contiguous()
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """nnU-Net patch -> LiteMedSAM input, as the LiteMedSAM inference code prepares it: the image

