@@ -291,7 +291,12 @@ class SamLabelerSettings(SettingsGroup):
     min_click_depth: int = setting(2, user=False, types=(int,), minimum=0, doc="Thinner disagreement regions get no click.")
     autocast_bf16: bool = setting(True, user=False, types=(bool,), doc="bf16 autocast of the promptable model on CUDA.")
     encoder_batch_size: Optional[int] = setting(None, user=False, types=(int,), nullable=True, minimum=1,
-                                                doc="Encode crops in chunks of this size (None: all at once).")
+                                                doc="Encode windows in chunks of this size (None: all at once on a "
+                                                    "GPU, one at a time on a CPU, where larger batches run slower "
+                                                    "per image: scripts/bench_lite_medsam.py).")
+    decoder_batch_size: Optional[int] = setting(None, user=False, types=(int,), nullable=True, minimum=1,
+                                                doc="Decode queries in chunks of this size (None: all at once on a "
+                                                    "GPU, 4 at a time on a CPU, the fastest per query there).")
 
 
 @dataclass(frozen=True)

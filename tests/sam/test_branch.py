@@ -126,6 +126,34 @@ def test_deterministic_with_generator():
     assert float((probs_a - probs_c).abs().max()) > 0.5  # not a rounding-level difference
 
 
+def test_cpu_chunks_the_encoder_by_one_and_the_decoder_by_four_without_changing_the_pseudo_labels():
+    """On a CPU (settings left open) windows are encoded one at a time and queries decoded four at a time, the
+    fastest per image / per query there; the pseudo-labels equal one batched call of each, and a click round
+    still counts as one decoder call."""
+    batch = 6
+    images = torch.zeros(batch, 1, *PATCH)
+    images[:, 0][:, OBJECT] = 1.0
+    fg = torch.full((batch, *PATCH), 0.02)
+    fg[:, OBJECT] = 0.95
+    probs = two_class_probs(fg)
+    outputs, models = {}, {}
+    for chunks in ("cpu default", "one batch"):
+        models[chunks] = model = FakeSam(SPACE_3D, radius=3.0)
+        sizes = dict(encoder_batch_size=100, decoder_batch_size=100) if chunks == "one batch" else {}
+        labeler = SamPseudoLabeler(model, mode="point", num_clicks=3, **sizes)
+        outputs[chunks] = labeler(images, probs, patch_spacing=SPACING, generator=torch.Generator().manual_seed(0))
+    assert models["cpu default"].encoded == [1] * batch and models["one batch"].encoded == [batch]
+    assert [len(c["points"]) for c in models["cpu default"].calls] == [4, 2] * 3
+    assert [len(c["points"]) for c in models["one batch"].calls] == [batch] * 3
+    for chunked, whole in zip(models["cpu default"].calls[::2], models["one batch"].calls):
+        assert torch.equal(chunked["points"], whole["points"][:4])
+    default, batched = outputs["cpu default"], outputs["one batch"]
+    assert default.stats["num_decoder_calls"] == batched.stats["num_decoder_calls"] == 3
+    assert default.stats["num_queries"] == batch
+    torch.testing.assert_close(default.probabilities, batched.probabilities, atol=1e-6, rtol=0)
+    assert torch.equal(default.valid, batched.valid)
+
+
 # ---------------------------------------------------------------------------------------------------- mask mode
 def test_mask_mode_single_decoder_pass_with_prediction_as_mask_prompt():
     model = FakeSam(SPACE_3D)
@@ -203,7 +231,8 @@ def test_multi_class_queries_and_combination():
     probs[0, :, second] = torch.tensor([0.03, 0.02, 0.95]).view(3, 1)
     for roi, crops in (("union", 1), ("per_class", 2)):
         model = FakeSam(SPACE_3D, radius=9.0)
-        labeler = SamPseudoLabeler(model, mode="point", num_clicks=2, roi=roi, positive_selection="interior")
+        labeler = SamPseudoLabeler(model, mode="point", num_clicks=2, roi=roi, positive_selection="interior",
+                                   encoder_batch_size=64)  # one encoder batch, as on a GPU
         out = labeler(images, probs, patch_spacing=(3.0, 1.5, 1.5), generator=torch.Generator().manual_seed(0))
         assert out.stats["num_crops"] == crops and out.stats["num_queries"] == 2
         assert model.encoded == [crops]
@@ -221,13 +250,15 @@ def test_overlapping_classes_are_resolved_by_max_then_shared():
 
 # ---------------------------------------------------------------------------------------------------- other inputs
 def test_tiles_share_one_encoder_call():
+    """The tiles of a case are gathered into one encoder batch (one call with the chunk size of a GPU)."""
     shape = (24, 96, 96)  # 32 x 64 x 64 model voxels at 1.5 mm: several 32^3 tiles
     obj = ball(shape, (12, 48, 48), 40) & ball(shape, (12, 48, 48), 100)
     obj[:2] = obj[-2:] = False
     images = obj.float()[None, None]
     probs = two_class_probs(torch.where(obj, 0.95, 0.02)[None])
     model = FakeSam(SPACE_3D, radius=60.0)
-    out = SamPseudoLabeler(model, mode="point", num_clicks=2)(images, probs, patch_spacing=(2.0, 1.0, 1.0),
+    out = SamPseudoLabeler(model, mode="point", num_clicks=2, encoder_batch_size=64)(
+        images, probs, patch_spacing=(2.0, 1.0, 1.0),
                                                               generator=torch.Generator().manual_seed(0))
     assert out.stats["num_crops"] > 1 and model.encoded == [int(out.stats["num_crops"])]
     assert bool(out.valid[0][obj].all())
@@ -257,7 +288,8 @@ def test_slice_wise_2d_model_on_3d_patches():
     images = obj.float()[None, None]
     probs = two_class_probs(torch.where(obj, 0.95, 0.02)[None])
     model = FakeSam(SPACE_2D, radius=100.0)
-    out = SamPseudoLabeler(model, mode="point", num_clicks=2)(images, probs, patch_spacing=(3.0, 1.0, 1.0),
+    out = SamPseudoLabeler(model, mode="point", num_clicks=2, encoder_batch_size=64)(  # one batch, as on a GPU
+        images, probs, patch_spacing=(3.0, 1.0, 1.0),
                                                               generator=torch.Generator().manual_seed(0))
     slices = obj.flatten(1).any(1)
     assert out.stats["num_crops"] == int(slices.sum()) and model.encoded == [int(slices.sum())]
