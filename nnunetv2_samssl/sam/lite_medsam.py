@@ -75,7 +75,7 @@ class LiteMedSAMPromptable(SegmentAnything2DPromptable):
         # TinyViT's patch embedding and first stage are convolutions at the full 256 x 256 (64 and 256
         # channels), where most of its 75 GFLOP per image go; oneDNN runs them faster on channels-last
         # tensors (scripts/bench_lite_medsam.py, one image on 2 cores of a Xeon / an EPYC: 1.33 -> 1.25 s /
-        # 2.01 -> 1.43 s in float32, 0.90 -> 0.64 s / 1.15 -> 0.92 s under bf16 autocast).
+        # 1.68 -> 1.37 s in float32, 0.90 -> 0.64 s / 0.86 -> 0.55 s under bf16 autocast).
         self.image_encoder.to(memory_format=torch.channels_last)
 
     @classmethod
