@@ -272,7 +272,8 @@ class SamLabelerSettings(SettingsGroup):
     cpu_bf16: bool = setting(False, key="sam_cpu_bf16", types=(bool,),
                              doc="bf16 autocast of the promptable model on CPU too (on CUDA it always runs in bf16): "
                                  "about 2x faster LiteMedSAM encoding on CPUs with native bf16 (AVX512-BF16, AMX), "
-                                 "can be slower on others; pseudo-labels differ slightly from float32 ones.")
+                                 "many times slower on others, which emulate it (a warning says so); pseudo-labels "
+                                 "differ slightly from float32 ones.")
     slice_axis: int = setting(0, key="sam_slice_axis", types=(int,), minimum=0, maximum=2,
                               doc="Axis of the slices when a 2D backend serves a 3D configuration.")
     # tuning constants of the branch (not in trainer_configs/)

@@ -106,11 +106,10 @@ def set_network_widths(dataset_pp: str, first: int, widest: int) -> None:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles), as PyTorch's CPU checks report it."""
-    import torch
+    """Whether this CPU computes bf16 natively (the SAM branch's check; imported here lazily, with torch)."""
+    from nnunetv2_samssl.sam.branch import cpu_has_native_bf16 as native
 
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(bool(check()) for check in checks if check is not None)
+    return native()
 
 
 def demo_schedule(epochs: int, iterations: int, labeled: Sequence[str], seed: int) -> str:

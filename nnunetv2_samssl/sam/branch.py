@@ -63,6 +63,12 @@ __all__ = ["SamPseudoLabel", "SamPseudoLabeler", "StageTimes", "combine_class_pr
 WINDOWS = ("roi", "whole")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles), as PyTorch's CPU checks report it."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(check()) for check in checks if check is not None)
+
+
 class StageTimes:
     """Seconds per stage, summed over calls; CUDA work is synchronised at each stage boundary (use it for
     profiling and whole-case refreshes, not in the training step)."""
@@ -179,6 +185,7 @@ class SamPseudoLabeler:
             warnings.warn("mode='mask': the model accepts no mask prompts; it is prompted with the box of the "
                           "confident predicted foreground only", stacklevel=2)
         self.settings = settings
+        self._warned_emulated_bf16 = False
         self.model = model
         self.model.requires_grad_(False)
         self.model.eval()
@@ -212,6 +219,12 @@ class SamPseudoLabeler:
         return self.stage_times(name, device) if self.stage_times is not None else contextlib.nullcontext()
 
     def _autocast(self, device: torch.device):
+        if device.type == "cpu" and self.settings.cpu_bf16 and not self._warned_emulated_bf16 \
+                and not cpu_has_native_bf16():
+            self._warned_emulated_bf16 = True
+            warnings.warn("sam_cpu_bf16=true on a CPU without native bf16 (no AVX512-BF16 or AMX, PyTorch reports "
+                          f"{torch.backends.cpu.get_cpu_capability()}): bf16 is emulated there and SAM runs many times "
+                          "slower than in float32; set sam_cpu_bf16=false", RuntimeWarning, stacklevel=2)
         if (device.type == "cuda" and self.settings.autocast_bf16) or (device.type == "cpu" and self.settings.cpu_bf16):
             return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()

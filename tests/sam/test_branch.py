@@ -154,6 +154,28 @@ def test_cpu_chunks_the_encoder_by_one_and_the_decoder_by_four_without_changing_
     assert torch.equal(default.valid, batched.valid)
 
 
+
+@pytest.mark.parametrize("native", [False, True])
+def test_cpu_bf16_warns_once_where_the_cpu_only_emulates_bf16(monkeypatch, native):
+    """``sam_cpu_bf16=true`` on a CPU without native bf16 (AVX2 only: emulated, many times slower) warns once per
+    labeler and names the setting; a CPU with native bf16, or float32, runs silently."""
+    import warnings
+
+    from nnunetv2_samssl.sam import branch
+
+    monkeypatch.setattr(branch, "cpu_has_native_bf16", lambda: native)
+    images, probs = scene()
+    for cpu_bf16 in (True, False):
+        labeler = SamPseudoLabeler(FakeSam(SPACE_3D, radius=3.0), mode="point", num_clicks=2, cpu_bf16=cpu_bf16)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                labeler(images, probs, patch_spacing=SPACING, generator=torch.Generator().manual_seed(0))
+        emulated = [w for w in caught if "without native bf16" in str(w.message)]
+        assert len(emulated) == (1 if cpu_bf16 and not native else 0)
+        if emulated:
+            assert "sam_cpu_bf16=false" in str(emulated[0].message)
+
 # ---------------------------------------------------------------------------------------------------- mask mode
 def test_mask_mode_single_decoder_pass_with_prediction_as_mask_prompt():
     model = FakeSam(SPACE_3D)
