@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -63,8 +64,10 @@ __all__ = ["SamPseudoLabel", "SamPseudoLabeler", "StageTimes", "combine_class_pr
 WINDOWS = ("roi", "whole")
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles), as PyTorch's CPU checks report it."""
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles), as PyTorch's CPU checks report it
+    (asked once per process: the SAM branch checks it at every call)."""
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(bool(check()) for check in checks if check is not None)
 

@@ -154,7 +154,6 @@ def test_cpu_chunks_the_encoder_by_one_and_the_decoder_by_four_without_changing_
     assert torch.equal(default.valid, batched.valid)
 
 
-
 @pytest.mark.parametrize("native", [False, True])
 def test_cpu_bf16_warns_once_where_the_cpu_only_emulates_bf16(monkeypatch, native):
     """``sam_cpu_bf16=true`` on a CPU without native bf16 (AVX2 only: emulated, many times slower) warns once per
@@ -175,6 +174,7 @@ def test_cpu_bf16_warns_once_where_the_cpu_only_emulates_bf16(monkeypatch, nativ
         assert len(emulated) == (1 if cpu_bf16 and not native else 0)
         if emulated:
             assert "sam_cpu_bf16=false" in str(emulated[0].message)
+
 
 # ---------------------------------------------------------------------------------------------------- mask mode
 def test_mask_mode_single_decoder_pass_with_prediction_as_mask_prompt():
