@@ -42,14 +42,17 @@ SOURCES: Dict[str, Tuple[int, int, int]] = {
     "shifted_60_n2_sam_seed1": (1500, 1, 2),
     "shifted_60_n2_sam_seed2": (1500, 2, 2),
     "shifted_60_n2_seed0_check": (1500, 0, 2),
+    "shifted_60_n2_seed1_env3": (1500, 1, 3),
 }
-MACHINES = {1: "first", 2: "second"}
+MACHINES = {1: "first", 2: "second", 3: "third"}
 ROWS_1500 = {  # row -> label in the 1500-iteration table, in this order
     BASELINE: "labeled-only nnU-Net",
     "mt_strong_hard": "Mean Teacher, `mt_strong_hard` (preset `mean_teacher_strong`)",
     "mt_strong_hard_ema095": "Mean Teacher, `mt_strong_hard` with `ema_decay=0.95`",
     "sam_strong": "SemiSAM, `sam_strong` (`mt_strong_hard` + LiteMedSAM term)",
+    "sam_cached": "SemiSAM, `sam_cached` (`mt_strong_hard` + cached LiteMedSAM pseudo-labels)",
 }
+SAM_ROWS = ("sam_strong", "sam_cached")  # rows set against Mean Teacher, seed by seed
 
 Run = Tuple[float, float]  # (test Dice, gain over the labeled-only run of the same seed, points; nan for it)
 Key = Tuple[str, int, int, int]  # (row, N, iterations, machine)
@@ -128,21 +131,23 @@ def rows_table(runs, iterations: int = 1500) -> str:
             every = pooled(runs, row, n, iterations)
             if row != BASELINE and len(per_machine) > 1 and all(len(every) > len(b) for b in per_machine.values()):
                 lines.append(line(f"{label}, every seed", n, every, False))  # seeds no one machine has together
-    lines += ["", "SemiSAM (`sam_strong`) minus Mean Teacher (`mt_strong_hard`), test Dice points, for every seed where "
-              "both ran on one machine (so against the same labeled-only run):", "",
-              "| N | machine | seed | Mean Teacher gain | SemiSAM gain | SemiSAM minus Mean Teacher |",
-              "|---|---|---|---|---|---|"]
-    diffs: Dict[int, List[float]] = defaultdict(list)
+    lines += ["", "SemiSAM minus Mean Teacher (`mt_strong_hard`), test Dice points, for every seed where both ran on one "
+              "machine (so against the same labeled-only run); a SemiSAM row without a Mean Teacher run of its seed "
+              "and machine is not here:", "",
+              "| N | SemiSAM row | machine | seed | Mean Teacher gain | SemiSAM gain | SemiSAM minus Mean Teacher |",
+              "|---|---|---|---|---|---|---|"]
     for n in (2, 4):
-        for m in MACHINES:
-            mt = runs.get(("mt_strong_hard", n, iterations, m), {})
-            sam = runs.get(("sam_strong", n, iterations, m), {})
-            for s in sorted(set(mt) & set(sam)):
-                diffs[n].append(sam[s][1] - mt[s][1])
-                lines.append(f"| {n} | {MACHINES[m]} | {s} | {mt[s][1]:+.1f} | "
-                             f"{sam[s][1]:+.1f} | {diffs[n][-1]:+.1f} |")
-        if diffs[n]:
-            lines.append(f"| {n} | | mean | | | {_mean_std(diffs[n], unit='pair')} |")
+        for sam_row in SAM_ROWS:
+            diffs: List[float] = []
+            for m in MACHINES:
+                mt = runs.get(("mt_strong_hard", n, iterations, m), {})
+                sam = runs.get((sam_row, n, iterations, m), {})
+                for s in sorted(set(mt) & set(sam)):
+                    diffs.append(sam[s][1] - mt[s][1])
+                    lines.append(f"| {n} | `{sam_row}` | {MACHINES[m]} | {s} | {mt[s][1]:+.1f} | "
+                                 f"{sam[s][1]:+.1f} | {diffs[-1]:+.1f} |")
+            if diffs:
+                lines.append(f"| {n} | `{sam_row}` | | mean | | | {_mean_std(diffs, unit='pair')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -184,9 +189,9 @@ def plot_rows(runs, path: str, iterations: int = 1500) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
     for ax, n in zip(axes, (2, 4)):
         for i, row in enumerate(rows):
-            for m, marker in zip(MACHINES, "o^"):
+            for j, (m, marker) in enumerate(zip(MACHINES, "o^s")):
                 for seed, (_, g) in sorted(runs.get((row, n, iterations, m), {}).items()):
-                    ax.scatter(i + (0.12 if m != FIRST_MACHINE else 0), g, color=f"C{seed}", marker=marker, s=30,
+                    ax.scatter(i + 0.12 * j, g, color=f"C{seed}", marker=marker, s=30,
                                zorder=3, label=f"seed {seed}" + _machine_suffix(m) if i == 0 or m != FIRST_MACHINE else None)
             by_seed = pooled(runs, row, n, iterations)
             if by_seed:
