@@ -222,13 +222,13 @@ class SamPseudoLabeler:
         return self.stage_times(name, device) if self.stage_times is not None else contextlib.nullcontext()
 
     def _autocast(self, device: torch.device):
-        if device.type == "cpu" and self.settings.cpu_bf16 and not self._warned_emulated_bf16 \
-                and not cpu_has_native_bf16():
+        cpu_bf16 = device.type == "cpu" and self.settings.cpu_bf16
+        if cpu_bf16 and not self._warned_emulated_bf16 and not cpu_has_native_bf16():
             self._warned_emulated_bf16 = True
             warnings.warn("sam_cpu_bf16=true on a CPU without native bf16 (no AVX512-BF16 or AMX, PyTorch reports "
                           f"{torch.backends.cpu.get_cpu_capability()}): bf16 is emulated there and SAM runs many times "
                           "slower than in float32; set sam_cpu_bf16=false", RuntimeWarning, stacklevel=2)
-        if (device.type == "cuda" and self.settings.autocast_bf16) or (device.type == "cpu" and self.settings.cpu_bf16):
+        if cpu_bf16 or (device.type == "cuda" and self.settings.autocast_bf16):
             return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
