@@ -43,6 +43,7 @@ SOURCES: Dict[str, Tuple[int, int, int]] = {
     "shifted_60_n2_sam_seed2": (1500, 2, 2),
     "shifted_60_n2_seed0_check": (1500, 0, 2),
     "shifted_60_n2_seed1_env3": (1500, 1, 3),
+    "shifted_60_n2_seed2_env3": (1500, 2, 3),
 }
 MACHINES = {1: "first", 2: "second", 3: "third"}
 ROWS_1500 = {  # row -> label in the 1500-iteration table, in this order
