@@ -45,6 +45,7 @@ SOURCES: Dict[str, Tuple[int, int, int]] = {
     "shifted_60_n2_seed1_env3": (1500, 1, 3),
     "shifted_60_n2_seed2_env3": (1500, 2, 3),
     "shifted_60_n2_seed0_env4": (1500, 0, 4),
+    "shifted_60_n2_seed1_env4": (1500, 1, 4),
 }
 MACHINES = {1: "first", 2: "second", 3: "third", 4: "fourth"}
 ROWS_1500 = {  # row -> label in the 1500-iteration table, in this order
