@@ -192,7 +192,7 @@ def plot_rows(runs, path: str, iterations: int = 1500) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
     for ax, n in zip(axes, (2, 4)):
         for i, row in enumerate(rows):
-            for j, (m, marker) in enumerate(zip(MACHINES, "o^sD")):
+            for j, (m, marker) in enumerate(zip(MACHINES, "o^sD", strict=True)):
                 for seed, (_, g) in sorted(runs.get((row, n, iterations, m), {}).items()):
                     ax.scatter(i + 0.12 * j, g, color=f"C{seed}", marker=marker, s=30,
                                zorder=3, label=f"seed {seed}" + _machine_suffix(m) if i == 0 or m != FIRST_MACHINE else None)
