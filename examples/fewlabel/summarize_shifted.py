@@ -195,7 +195,7 @@ def plot_rows(runs, path: str, iterations: int = 1500) -> None:
         for i, row in enumerate(rows):
             for j, (m, marker) in enumerate(zip(MACHINES, "o^sDv", strict=True)):
                 for seed, (_, g) in sorted(runs.get((row, n, iterations, m), {}).items()):
-                    ax.scatter(i - 0.2 + 0.1 * j, g, color=f"C{seed}", marker=marker, s=30,
+                    ax.scatter(i + 0.1 * (j - (len(MACHINES) - 1) / 2), g, color=f"C{seed}", marker=marker, s=30,
                                zorder=3, label=f"seed {seed}" + _machine_suffix(m) if i == 0 or m != FIRST_MACHINE else None)
             by_seed = pooled(runs, row, n, iterations)
             if by_seed:
