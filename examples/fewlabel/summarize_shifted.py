@@ -47,8 +47,10 @@ SOURCES: Dict[str, Tuple[int, int, int]] = {
     "shifted_60_n2_seed0_env4": (1500, 0, 4),
     "shifted_60_n2_seed1_env4": (1500, 1, 4),
     "shifted_60_n4_seed0_env5": (1500, 0, 5),
+    "shifted_60_n4_seed1_env6": (1500, 1, 6),
+    "shifted_60_n4_seed2_env6": (1500, 2, 6),
 }
-MACHINES = {1: "first", 2: "second", 3: "third", 4: "fourth", 5: "fifth"}
+MACHINES = {1: "first", 2: "second", 3: "third", 4: "fourth", 5: "fifth", 6: "sixth"}
 ROWS_1500 = {  # row -> label in the 1500-iteration table, in this order
     BASELINE: "labeled-only nnU-Net",
     "mt_strong_hard": "Mean Teacher, `mt_strong_hard` (preset `mean_teacher_strong`)",
@@ -193,7 +195,7 @@ def plot_rows(runs, path: str, iterations: int = 1500) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
     for ax, n in zip(axes, (2, 4)):
         for i, row in enumerate(rows):
-            for j, (m, marker) in enumerate(zip(MACHINES, "o^sDv", strict=True)):
+            for j, (m, marker) in enumerate(zip(MACHINES, "o^sDvP", strict=True)):
                 for seed, (_, g) in sorted(runs.get((row, n, iterations, m), {}).items()):
                     ax.scatter(i + 0.1 * (j - (len(MACHINES) - 1) / 2), g, color=f"C{seed}", marker=marker, s=30,
                                zorder=3, label=f"seed {seed}" + _machine_suffix(m) if i == 0 or m != FIRST_MACHINE else None)
